@@ -43,3 +43,240 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
 def row_id(origin: str, *content: Any) -> str:
     """Stable id of a row: hash of the producing stage and the content that defines the row."""
     return stable_hash(origin, *content)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row kinds. Each maps column -> dtype; frames may carry any extra columns (scores, metadata).
+# ---------------------------------------------------------------------------------------------
+
+ROLES = ("system", "user", "assistant", "tool")
+# One candidate answer of a listwise / pluralistic row; stages may add fields (seed, reward...).
+CANDIDATE = pl.Struct({"content": pl.Utf8, "score": pl.Float64})
+CANDIDATES = pl.List(CANDIDATE)
+
+SFT = {**LINEAGE, "messages": MESSAGES}
+# Prompts before any response exists (Magpie / Self-Align output), a plain string column.
+INSTRUCTIONS = {**LINEAGE, "instruction": pl.Utf8}
+# TRL explicit-prompt conversational preference format: chosen/rejected hold the assistant turn.
+PREFERENCE = {**LINEAGE, "prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
+              "score_chosen": pl.Float64, "score_rejected": pl.Float64}
+CANDIDATES_ROW = {**LINEAGE, "prompt": MESSAGES, "candidates": CANDIDATES}
+
+KINDS: dict[str, dict[str, pl.DataType]] = {
+    "sft": SFT,
+    "instructions": INSTRUCTIONS,
+    "preference": PREFERENCE,
+    "candidates": CANDIDATES_ROW,
+}
+# Columns that may be null in every row (so an all-null polars column of dtype Null is fine too).
+NULLABLE = {"parent_id", "score_chosen", "score_rejected", "drop_reason"}
+# Known column dtypes, used to give all-null (dtype Null) columns their real type before writing.
+KNOWN_DTYPES: dict[str, pl.DataType] = {**KEEP}
+for _kind in KINDS.values():
+    KNOWN_DTYPES.update(_kind)
+
+
+def schema_of(kind: str) -> dict[str, pl.DataType]:
+    try:
+        return dict(KINDS[kind])
+    except KeyError:
+        raise SchemaError(f"unknown row kind {kind!r}", fix=f"use one of {sorted(KINDS)}") from None
+
+
+def empty(kind: str) -> pl.DataFrame:
+    """A zero-row frame with the columns of `kind` (what a shard with no rows looks like)."""
+    return pl.DataFrame(schema=schema_of(kind))
+
+
+def conform(df: pl.DataFrame) -> pl.DataFrame:
+    """Give all-null columns of known names their real dtype (e.g. `parent_id` of a root stage)."""
+    casts = [pl.col(name).cast(KNOWN_DTYPES[name]) for name, dtype in df.schema.items()
+             if name in KNOWN_DTYPES and _has_null_dtype(dtype)]
+    return df.with_columns(casts) if casts else df
+
+
+def _has_null_dtype(dtype: pl.DataType) -> bool:
+    if dtype == pl.Null:
+        return True
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return _has_null_dtype(dtype.inner)
+    if isinstance(dtype, pl.Struct):
+        return any(_has_null_dtype(f.dtype) for f in dtype.fields)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Message helpers
+# ---------------------------------------------------------------------------------------------
+
+def message(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def to_messages(prompt: str | list | None = None, response: str | None = None, *,
+                system: str | None = None) -> list[dict[str, str]]:
+    """Build a conversation: optional system turn, the user prompt (a string, or a message list
+    used as is), then the assistant response if given."""
+    out: list[dict[str, str]] = []
+    if system:
+        out.append(message("system", system))
+    if isinstance(prompt, str):
+        out.append(message("user", prompt))
+    elif prompt is not None:
+        out.extend({"role": m["role"], "content": m["content"]} for m in prompt)
+    if response is not None:
+        out.append(message("assistant", response))
+    return out
+
+
+def assistant_turn(text: str) -> list[dict[str, str]]:
+    """`chosen` / `rejected` value of a preference row: a list of one assistant message."""
+    return [message("assistant", text)]
+
+
+def candidate(content: str, score: float | None = None, **extra: Any) -> dict[str, Any]:
+    return {"content": content, "score": score, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def validate(df: pl.DataFrame, kind: str = "sft", *, dataset: str | None = None) -> pl.DataFrame:
+    """Check `df` holds rows of `kind`; return it unchanged, or raise SchemaError at the first bad
+    row naming dataset, column and row index (and its id), and saying how to fix it.
+
+    Checks: required columns present with the right dtype; `id` non-null and unique; message
+    lists non-empty with known roles and non-empty content; SFT conversations end with an
+    assistant turn; preference `chosen`/`rejected` are assistant turns; candidates have content.
+    Rows already quarantined (`keep == False`) are only checked for ids: their content may be
+    the very reason they were dropped.
+    """
+    expected = schema_of(kind)
+    for column, dtype in expected.items():
+        if column not in df.columns:
+            raise SchemaError(
+                f"missing column {column!r} for {kind} rows; found columns {df.columns}",
+                dataset=dataset, column=column,
+                fix=_missing_fix(column, kind))
+        actual = df.schema[column]
+        if not _dtype_ok(actual, dtype, nullable=column in NULLABLE):
+            raise SchemaError(
+                f"column {column!r} has dtype {actual}, expected {dtype}", dataset=dataset,
+                column=column,
+                fix=f"cast it, e.g. df.with_columns(pl.col({column!r}).cast({_dtype_src(dtype)}))"
+                    if not isinstance(dtype, (pl.List, pl.Struct))
+                    else "build it with schemas.to_messages(...) / schemas.candidate(...), or import "
+                         "the file with schemas.mapping.load_rows(path, kind=...)")
+
+    ids = df["id"]
+    _first_bad(df, ids.is_null(), dataset, "id", "id is null",
+               "give every row an id, e.g. schemas.row_id(origin, content)")
+    _first_bad(df, ~ids.is_first_distinct(), dataset, "id", "duplicate id (an earlier row has it)",
+               "ids must be unique; derive them from the row content and a per-row counter/seed")
+
+    live = df
+    if "keep" in df.columns:
+        live = df.with_row_index("__row").filter(pl.col("keep").fill_null(True))
+    else:
+        live = df.with_row_index("__row")
+    if kind == "instructions":
+        text = pl.col("instruction")
+        _first_bad_expr(live, text.is_null() | (text.str.strip_chars() == ""), dataset, "instruction",
+                        "instruction is empty or null",
+                        "drop the row or mark it keep=False with a drop_reason")
+    message_columns = [c for c, t in expected.items() if t == MESSAGES]
+    for column in message_columns:
+        _check_messages(live, column, dataset, kind)
+    if kind == "candidates":
+        cands = pl.col("candidates")
+        _first_bad_expr(live, cands.is_null() | (cands.list.len() == 0), dataset, "candidates",
+                        "candidates list is empty or null", "give each prompt at least one candidate")
+        content = pl.element().struct.field("content")
+        _first_bad_expr(live, cands.list.eval(content.is_null() | (content.str.strip_chars() == "")).list.any(),
+                        dataset, "candidates", "a candidate has empty or null content",
+                        "remove empty candidates or mark the row keep=False with a drop_reason")
+    return df
+
+
+def _missing_fix(column: str, kind: str) -> str:
+    if column in LINEAGE:
+        return ("add lineage columns id / parent_id / origin (schemas.mapping.load_rows adds them "
+                "for imported files)")
+    return f"add column {column!r}, or import the file with schemas.mapping.load_rows(path, kind={kind!r}, mapping={{{column!r}: '<your column>'}})"
+
+
+def _dtype_src(dtype: pl.DataType) -> str:
+    return f"pl.{dtype}"
+
+
+def _dtype_ok(actual: pl.DataType, expected: pl.DataType, *, nullable: bool) -> bool:
+    if actual == expected:
+        return True
+    if actual == pl.Null:
+        return nullable
+    if expected == pl.Float64:
+        return actual.is_numeric()
+    if isinstance(expected, pl.List) and isinstance(actual, pl.List):
+        return _dtype_ok(actual.inner, expected.inner, nullable=False)
+    if isinstance(expected, pl.Struct) and isinstance(actual, pl.Struct):
+        # Extra struct fields are fine (candidates carry seeds, rewards...); required ones must match.
+        fields = {f.name: f.dtype for f in actual.fields}
+        return all(f.name in fields and _dtype_ok(fields[f.name], f.dtype, nullable=True)
+                   for f in expected.fields)
+    return False
+
+
+def _first_bad(df: pl.DataFrame, mask: pl.Series, dataset, column, what, fix) -> None:
+    if mask.any():
+        index = int(mask.arg_true()[0])
+        raise SchemaError(f"{what}{_describe(df, index, column)}", dataset=dataset, column=column,
+                          row=index, fix=fix)
+
+
+def _first_bad_expr(live: pl.DataFrame, expr: pl.Expr, dataset, column, what, fix) -> None:
+    bad = live.filter(expr.fill_null(True)).head(1)
+    if bad.height:
+        index = int(bad["__row"][0])
+        raise SchemaError(f"{what}{_describe(bad, 0, column)}", dataset=dataset, column=column,
+                          row=index, fix=fix)
+
+
+def _describe(df: pl.DataFrame, index: int, column: str) -> str:
+    parts = []
+    if "id" in df.columns and column != "id":
+        parts.append(f"id {df['id'][index]!r}")
+    value = df[column][index]
+    if isinstance(value, pl.Series):
+        value = value.to_list()
+    text = repr(value)
+    parts.append(f"value {text[:200] + '...' if len(text) > 200 else text}")
+    return " [" + ", ".join(parts) + "]"
+
+
+def _check_messages(live: pl.DataFrame, column: str, dataset, kind: str) -> None:
+    col = pl.col(column)
+    fix = f"every message needs a role in {list(ROLES)} and non-empty string content; " \
+          "drop the row or mark it keep=False with a drop_reason"
+    _first_bad_expr(live, col.is_null() | (col.list.len() == 0), dataset, column,
+                    "message list is empty or null", fix)
+    role = pl.element().struct.field("role")
+    content = pl.element().struct.field("content")
+    _first_bad_expr(live, col.list.eval(~role.is_in(ROLES).fill_null(False)).list.any(), dataset, column,
+                    "message with an unknown role", fix)
+    _first_bad_expr(live, col.list.eval(content.is_null() | (content.str.strip_chars() == "")).list.any(),
+                    dataset, column, "message with empty or null content", fix)
+    last_role = col.list.last().struct.field("role")
+    if kind == "sft" and column == "messages":
+        _first_bad_expr(live, last_role != "assistant", dataset, column,
+                        "conversation does not end with an assistant turn",
+                        "SFT rows need the assistant's answer last; generate a response or drop the row")
+    if kind in ("preference", "candidates") and column == "prompt":
+        _first_bad_expr(live, last_role == "assistant", dataset, column,
+                        "prompt ends with an assistant turn",
+                        "the prompt holds the conversation up to the user turn; put answers in chosen/rejected")
+    if kind == "preference" and column in ("chosen", "rejected"):
+        _first_bad_expr(live, col.list.eval(role != "assistant").list.any(), dataset, column,
+                        f"{column} holds a non-assistant message",
+                        f"{column} must be the assistant turn only (TRL explicit-prompt format): "
+                        "[{'role': 'assistant', 'content': ...}]; move the prompt into `prompt`")
