@@ -32,6 +32,7 @@ class SchemaError(ValueError):
         text = f"{message}" + (f" (at {where})" if where else "") + (f". Fix: {fix}" if fix else "")
         super().__init__(text)
         self.dataset, self.column, self.row, self.fix = dataset, column, row, fix
+        self.message = message
 
 
 def stable_hash(*parts: Any, length: int = 16) -> str:
