@@ -1,0 +1,277 @@
+"""Sharded parquet datasets on a local path or any fsspec URL.
+
+Layout of a dataset folder:
+
+    part-00000.parquet            kept rows of shard 0 (its presence = shard committed)
+    rejected/part-00000.parquet   rows with keep == False, with drop_reason (only if any)
+    _stats/part-00000.json        per-shard counts and the step's stats (tokens, seconds...)
+    _manifest.json                written last by `commit`: no manifest = dataset not committed
+
+A shard is written rejected part -> stats -> kept part, each to a hidden `.tmp-<uuid>` name and
+renamed into place, so a run killed at any point leaves either a committed shard or one that
+`shard_indices()` does not list (and that a rerun overwrites). Temporary files are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections import Counter
+from typing import Any
+
+import fsspec
+import polars as pl
+
+from schemas import conform
+
+SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
+MANIFEST = "_manifest.json"
+REJECTED_DIR = "rejected"
+STATS_DIR = "_stats"
+# Filter columns: meaningful in rejected/ (why a row was dropped), noise in kept rows.
+INTERNAL_COLUMNS = ("keep", "drop_reason")
+UNSPECIFIED_REASON = "unspecified"
+
+
+class StorageError(OSError):
+    """A dataset location cannot be read or written; says which path and how to fix it."""
+
+
+def shard_name(index: int) -> str:
+    if not 0 <= index <= 99999:
+        raise ValueError(f"shard index {index} out of range 0..99999")
+    return f"part-{index:05d}.parquet"
+
+
+def split_kept(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(kept rows without keep/drop_reason, rejected rows with a drop_reason). Null keep = kept."""
+    if "keep" not in df.columns:
+        return df.drop([c for c in INTERNAL_COLUMNS if c in df.columns]), df.clear().with_columns(
+            keep=pl.lit(False), drop_reason=pl.lit(None, pl.Utf8))
+    keep = pl.col("keep").fill_null(True)
+    kept = df.filter(keep).drop([c for c in INTERNAL_COLUMNS if c in df.columns])
+    rejected = df.filter(~keep)
+    if "drop_reason" not in rejected.columns:
+        rejected = rejected.with_columns(drop_reason=pl.lit(None, pl.Utf8))
+    # Nothing is dropped without a reason: a filter that forgot one is still counted.
+    rejected = rejected.with_columns(pl.col("drop_reason").cast(pl.Utf8).fill_null(UNSPECIFIED_REASON))
+    return kept, rejected
+
+
+class ShardedDataset:
+    """A folder of `part-NNNNN.parquet` shards (see module docstring).
+
+    >>> ds = ShardedDataset("memory://runs/x")        # or "runs/x", "s3://bucket/runs/x"
+    >>> ds.write_shard(0, df, stats={"generated_tokens": 120})
+    >>> ds.read().height, ds.shard_indices()
+    """
+
+    def __init__(self, url: str | os.PathLike, *, storage_options: dict | None = None):
+        self.url = os.fspath(url).rstrip("/") or "/"
+        self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.path = self.path.rstrip("/") or "/"
+        self._checked_writable = False
+
+    def __repr__(self) -> str:
+        return f"ShardedDataset({self.url!r})"
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    # ------------------------------------------------------------------------------- listing
+
+    def _names(self, *sub: str) -> list[str]:
+        folder = self._join(*sub)
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def shard_indices(self) -> list[int]:
+        """Committed shards: those whose kept part exists (tmp files and half shards are ignored)."""
+        return sorted(int(m.group(1)) for name in self._names() if (m := SHARD_RE.match(name)))
+
+    def has_shard(self, index: int) -> bool:
+        return self.fs.exists(self._join(shard_name(index)))
+
+    @property
+    def committed(self) -> bool:
+        return self.fs.exists(self._join(MANIFEST))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.path)
+
+    # ------------------------------------------------------------------------------- writing
+
+    def _ensure_writable(self) -> None:
+        if self._checked_writable:
+            return
+        try:
+            if self.fs.exists(self.path) and not self.fs.isdir(self.path):
+                raise StorageError(f"cannot write dataset at {self.url}: a file exists where the dataset "
+                                   f"folder should be. Fix: remove that file or choose another output path")
+            self.fs.makedirs(self.path, exist_ok=True)
+            for sub in (REJECTED_DIR, STATS_DIR):
+                self.fs.makedirs(self._join(sub), exist_ok=True)
+            if self.is_local and not os.access(self.path, os.W_OK):
+                raise PermissionError(13, "Permission denied", self.path)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise self._write_error(e) from None
+        self._checked_writable = True
+
+    def _write_error(self, error: OSError) -> StorageError:
+        what = {PermissionError: "permission denied", FileExistsError: "a file is in the way",
+                NotADirectoryError: "a file is in the way", IsADirectoryError: "a folder is in the way"}
+        reason = next((text for kind, text in what.items() if isinstance(error, kind)), str(error))
+        where = getattr(error, "filename", None) or self.url
+        return StorageError(f"cannot write dataset at {self.url} ({reason}: {where}). Fix: choose an output "
+                            f"path you can write to (--out DIR), or fix its permissions / remove the file in the way")
+
+    def _atomic_write(self, relative: str, write) -> None:
+        """Write via a hidden tmp name in the same folder, then rename into place."""
+        folder, _, name = relative.rpartition("/")
+        final = self._join(relative)
+        tmp = self._join(*([folder] if folder else []), f".{name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                write(f)
+            self.fs.mv(tmp, final)
+        except OSError as e:
+            try:
+                self.fs.rm(tmp)
+            except Exception:  # noqa: BLE001 - best effort cleanup of our own tmp file
+                pass
+            raise self._write_error(e) from None
+
+    def _remove_stale_tmp(self, name: str, *sub: str) -> None:
+        for stale in self._names(*sub):
+            if stale.startswith(f".{name}.tmp-"):
+                try:
+                    self.fs.rm(self._join(*sub, stale))
+                except FileNotFoundError:
+                    pass
+
+    def _remove(self, relative: str) -> None:
+        try:
+            self.fs.rm(self._join(relative))
+        except FileNotFoundError:
+            pass
+
+    def write_shard(self, index: int, df: pl.DataFrame, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write shard `index` atomically; rows with keep == False go to rejected/ with their reason.
+
+        Order: rejected part, stats, kept part (the commit point). Returns the shard's stats.
+        Writing a shard un-commits a committed dataset (its manifest no longer describes it).
+        """
+        self._ensure_writable()
+        name = shard_name(index)
+        if self.committed:
+            self._remove(MANIFEST)
+        for sub in ((), (REJECTED_DIR,), (STATS_DIR,)):
+            self._remove_stale_tmp(name if sub != (STATS_DIR,) else name.replace(".parquet", ".json"), *sub)
+        df = conform(df)
+        kept, rejected = split_kept(df)
+        reasons = Counter(rejected["drop_reason"].to_list()) if rejected.height else Counter()
+        shard_stats = {
+            "rows_in": df.height, "rows_kept": kept.height, "rows_dropped": rejected.height,
+            "dropped_by_reason": dict(sorted(reasons.items())),
+            **{k: v for k, v in (stats or {}).items()},
+        }
+        if self.has_shard(index):  # rewriting a committed shard: un-commit it first
+            self._remove(name)
+        if rejected.height:
+            self._atomic_write(f"{REJECTED_DIR}/{name}", lambda f: rejected.write_parquet(f))
+        else:
+            self._remove(f"{REJECTED_DIR}/{name}")  # stale rejects of a killed earlier attempt
+        payload = json.dumps(shard_stats, indent=1, sort_keys=True, default=str).encode()
+        self._atomic_write(f"{STATS_DIR}/{name.replace('.parquet', '.json')}", lambda f: f.write(payload))
+        self._atomic_write(name, lambda f: kept.write_parquet(f))
+        return shard_stats
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        """Write `_manifest.json` atomically: the dataset is complete."""
+        self._ensure_writable()
+        self._remove_stale_tmp(MANIFEST)
+        for sub in ((), (REJECTED_DIR,), (STATS_DIR,)):
+            for stale in self._names(*sub):
+                if stale.startswith(".") and ".tmp-" in stale:
+                    self._remove("/".join([*sub, stale]))
+        payload = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
+        self._atomic_write(MANIFEST, lambda f: f.write(payload))
+
+    def clear(self) -> None:
+        """Delete everything in the dataset folder (e.g. before recomputing from scratch)."""
+        if self.fs.exists(self.path):
+            try:
+                self.fs.rm(self.path, recursive=True)
+            except OSError as e:
+                raise self._write_error(e) from None
+        self._checked_writable = False
+
+    # ------------------------------------------------------------------------------- reading
+
+    def _read_parquet(self, relative: str) -> pl.DataFrame:
+        path = self._join(relative)
+        if self.is_local:
+            return pl.read_parquet(path)
+        with self.fs.open(path, "rb") as f:
+            return pl.read_parquet(f)
+
+    def read_shard(self, index: int, rejected: bool = False) -> pl.DataFrame:
+        name = shard_name(index)
+        if not self.has_shard(index):
+            raise FileNotFoundError(f"shard {index} of {self.url} is not committed ({name} missing)")
+        if rejected:
+            relative = f"{REJECTED_DIR}/{name}"
+            if not self.fs.exists(self._join(relative)):
+                return pl.DataFrame(schema={"drop_reason": pl.Utf8})
+            return self._read_parquet(relative)
+        return self._read_parquet(name)
+
+    def scan(self, rejected: bool = False) -> pl.LazyFrame:
+        """All committed shards in shard order (schemas unioned: a column missing in one shard is null)."""
+        frames = []
+        for index in self.shard_indices():
+            relative = f"{REJECTED_DIR}/{shard_name(index)}" if rejected else shard_name(index)
+            if rejected and not self.fs.exists(self._join(relative)):
+                continue
+            if self.is_local:
+                frames.append(pl.scan_parquet(self._join(relative)))
+            else:
+                frames.append(self._read_parquet(relative).lazy())
+        if not frames:
+            return pl.DataFrame(schema={"drop_reason": pl.Utf8} if rejected else {}).lazy()
+        return pl.concat(frames, how="diagonal_relaxed")
+
+    def read(self, rejected: bool = False) -> pl.DataFrame:
+        return self.scan(rejected=rejected).collect()
+
+    def num_rows(self, rejected: bool = False) -> int:
+        stats = self.shard_stats()
+        return sum(s.get("rows_dropped" if rejected else "rows_kept", 0) for s in stats.values())
+
+    def shard_stats(self) -> dict[int, dict[str, Any]]:
+        out = {}
+        for index in self.shard_indices():
+            path = self._join(STATS_DIR, shard_name(index).replace(".parquet", ".json"))
+            try:
+                with self.fs.open(path, "rb") as f:
+                    out[index] = json.loads(f.read())
+            except FileNotFoundError:
+                out[index] = {}
+        return out
+
+    def manifest(self) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(self._join(MANIFEST), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None

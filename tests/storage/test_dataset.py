@@ -1,0 +1,128 @@
+import json
+import uuid
+
+import polars as pl
+import pytest
+
+import schemas
+from storage import ShardedDataset, StorageError
+
+
+def rows(n, start=0, drop_every=0):
+    ids = [f"r{i}" for i in range(start, start + n)]
+    keep = [not (drop_every and i % drop_every == 0) for i in range(start, start + n)]
+    return pl.DataFrame({
+        "id": ids, "parent_id": [None] * n, "origin": ["t@1"] * n,
+        "messages": [schemas.to_messages(f"q{i}", f"a{i}") for i in range(start, start + n)],
+        "keep": keep, "drop_reason": [None if k else "too_short" for k in keep],
+    }, schema_overrides={"messages": schemas.MESSAGES})
+
+
+@pytest.fixture(params=["memory", "local"])
+def ds(request, tmp_path):
+    if request.param == "memory":
+        url = f"memory://test-{uuid.uuid4().hex}/ds"
+    else:
+        url = str(tmp_path / "ds")
+    return ShardedDataset(url)
+
+
+def test_write_read_route_rejected_and_stats(ds):
+    stats = ds.write_shard(0, rows(6, drop_every=3), stats={"generated_tokens": 60, "seconds": 1.5})
+    ds.write_shard(1, rows(4, start=6))
+    assert stats["rows_in"] == 6 and stats["rows_kept"] == 4 and stats["dropped_by_reason"] == {"too_short": 2}
+    assert ds.shard_indices() == [0, 1]
+    kept = ds.read()
+    assert kept["id"].to_list() == ["r1", "r2", "r4", "r5", "r6", "r7", "r8", "r9"]
+    assert "keep" not in kept.columns and "drop_reason" not in kept.columns
+    assert kept.schema["messages"] == schemas.MESSAGES and kept.schema["parent_id"] == pl.Utf8
+    rejected = ds.read(rejected=True)
+    assert rejected["id"].to_list() == ["r0", "r3"] and set(rejected["drop_reason"]) == {"too_short"}
+    assert ds.read_shard(1, rejected=True).height == 0
+    assert ds.shard_stats()[0]["generated_tokens"] == 60
+    assert ds.num_rows() == 8 and ds.num_rows(rejected=True) == 2
+    assert ds.scan().select(pl.len()).collect().item() == 8
+    assert not ds.committed and ds.manifest() is None
+    ds.commit({"stage": "t@1"})
+    assert ds.committed and ds.manifest() == {"stage": "t@1"}
+
+
+def test_missing_reason_is_counted_not_lost(ds):
+    df = rows(2).with_columns(keep=pl.Series([False, True]), drop_reason=pl.lit(None, pl.Utf8))
+    assert ds.write_shard(0, df)["dropped_by_reason"] == {"unspecified": 1}
+
+
+def test_zero_row_shard_is_committed_with_schema(ds):
+    ds.write_shard(0, rows(0))
+    assert ds.shard_indices() == [0]
+    empty = ds.read_shard(0)
+    assert empty.height == 0 and empty.schema["messages"] == schemas.MESSAGES
+
+
+def test_crash_leaves_no_visible_half_shard_and_rewrite_works(ds):
+    ds.write_shard(0, rows(3))
+    # Simulate a run killed mid-shard 1: a tmp kept part and a rejected part, no kept part.
+    ds.fs.makedirs(ds._join("rejected"), exist_ok=True)
+    with ds.fs.open(ds._join(".part-00001.parquet.tmp-deadbeef"), "wb") as f:
+        f.write(b"half-written garbage")
+    with ds.fs.open(ds._join("rejected", "part-00001.parquet"), "wb") as f:
+        rows(2, start=100).with_columns(keep=pl.lit(False), drop_reason=pl.lit("stale")).write_parquet(f)
+    assert ds.fs.exists(ds._join("rejected", "part-00001.parquet"))
+    assert ds.shard_indices() == [0]  # shard 1 not committed
+    assert ds.read().height == 3 and ds.read(rejected=True).height == 0  # half shard invisible
+    # Resume: rewrite shard 1 with no rejected rows; the stale rejected part and tmp go away.
+    ds.write_shard(1, rows(2, start=3))
+    assert ds.shard_indices() == [0, 1]
+    assert ds.read(rejected=True).height == 0
+    assert not ds.fs.exists(ds._join("rejected", "part-00001.parquet"))
+    assert not any(".tmp-" in name for name in ds._names())
+    assert ds.read()["id"].to_list() == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_rewriting_a_shard_uncommits_the_manifest(ds):
+    ds.write_shard(0, rows(2))
+    ds.commit({"ok": True})
+    ds.write_shard(0, rows(1))
+    assert not ds.committed and ds.read().height == 1
+
+
+def test_commit_writes_manifest_atomically_and_cleans_tmp(ds):
+    ds.write_shard(0, rows(1))
+    with ds.fs.open(ds._join("._manifest.json.tmp-old"), "wb") as f:
+        f.write(b"{")
+    ds.commit({"n": 1})
+    assert json.loads(ds.fs.cat(ds._join("_manifest.json"))) == {"n": 1}
+    assert not any(".tmp-" in name for name in ds._names())
+
+
+def test_reading_missing_dataset_is_empty_not_an_error(tmp_path):
+    ds = ShardedDataset(tmp_path / "nothing")
+    assert ds.shard_indices() == [] and ds.read().height == 0 and ds.manifest() is None
+    with pytest.raises(FileNotFoundError, match="not committed"):
+        ds.read_shard(0)
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(StorageError, match=r"cannot write dataset at .*out.*file exists.*Fix"):
+        ShardedDataset(blocker).write_shard(0, rows(1))
+    with pytest.raises(StorageError, match=r"cannot write dataset at .*a file is in the way.*Fix"):
+        ShardedDataset(blocker / "ds").write_shard(0, rows(1))
+
+
+def test_permission_denied_is_one_clear_error(tmp_path, monkeypatch):
+    ds = ShardedDataset(tmp_path / "ds")
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ds"))
+
+    monkeypatch.setattr(ds.fs, "makedirs", deny)
+    with pytest.raises(StorageError, match="permission denied.*Fix: choose an output path"):
+        ds.write_shard(0, rows(1))
+
+
+def test_shards_with_different_columns_union_on_read(ds):
+    ds.write_shard(0, rows(1).with_columns(score=pl.lit(0.5)))
+    ds.write_shard(1, rows(1, start=1))
+    assert ds.read()["score"].to_list() == [0.5, None]
