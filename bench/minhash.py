@@ -1,0 +1,183 @@
+"""MinHash near-dedup: alignforge vs datasketch (naive) vs rensa, same docs, same num_perm/threshold.
+
+    python -m bench.minhash [--n 100000] [--threshold 0.8] [--num-perm 128]
+
+Data: random word documents; a share of them get a planted near-copy made by controlled word
+edits (substitute / insert / delete), spread so the copies' exact Jaccard covers 0.5..1.0.
+Quality: a "reported pair" is two docs a method calls duplicates (same cluster for alignforge,
+an LSH query hit for the others). Precision = reported pairs whose exact Jaccard >= threshold;
+recall = true pairs (planted, or any reported pair, with exact Jaccard >= threshold) reported.
+Shingles are word 3-grams of the lowercased text for every method. alignforge scores once and
+selects twice from the stored signatures (verify on, then off): the second row's time is the
+shared scoring time plus its own selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+NGRAM = 3
+_WORD = re.compile(r"\w+")
+
+
+def make_docs(n: int, seed: int = 0, dup_share: float = 0.2) -> tuple[list[str], list[tuple[int, int]]]:
+    """n docs; about dup_share * n of them are edited copies of another doc. Returns (docs, planted pairs)."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(3, 9)))
+                      for _ in range(20000)])
+    probs = 1.0 / np.arange(1, len(vocab) + 1) ** 0.8  # Zipf-ish word frequencies
+    probs /= probs.sum()
+    n_orig = int(n * (1 - dup_share))
+    docs = [rng.choice(vocab, size=int(rng.integers(40, 120)), p=probs).tolist() for _ in range(n_orig)]
+    planted = []
+    while len(docs) < n:
+        src = int(rng.integers(0, n_orig))
+        words = list(docs[src])
+        # Edit count spread so exact Jaccard of word 3-grams spans roughly 0.5 .. 1.0.
+        edits = int(rng.integers(0, max(2, len(words) // 12)))
+        for _ in range(edits):
+            op, at = rng.integers(0, 3), int(rng.integers(0, len(words)))
+            if op == 0:
+                words[at] = str(rng.choice(vocab, p=probs))
+            elif op == 1:
+                words.insert(at, str(rng.choice(vocab, p=probs)))
+            elif len(words) > 5:
+                del words[at]
+        planted.append((src, len(docs)))
+        docs.append(words)
+    order = rng.permutation(n)  # duplicates scattered, not at the end
+    where = np.empty(n, dtype=np.int64)
+    where[order] = np.arange(n)
+    texts = [" ".join(docs[i]) for i in order]
+    planted = [tuple(sorted((int(where[a]), int(where[b])))) for a, b in planted]
+    return texts, planted
+
+
+def shingles(text: str) -> set[str]:
+    words = _WORD.findall(text.lower())
+    if len(words) < NGRAM:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i:i + NGRAM]) for i in range(len(words) - NGRAM + 1)}
+
+
+def exact_jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def run_alignforge(texts, threshold, num_perm):
+    """Score once, then select twice (verify on / off) from the stored signatures."""
+    from filters.minhash import MinHashDedup
+
+    df = pl.DataFrame({"id": [f"{i:08d}" for i in range(len(texts))], "instruction": texts})
+    t0 = time.perf_counter()
+    f = MinHashDedup(threshold=threshold, num_perm=num_perm, ngram=NGRAM)
+    scored = f(df)
+    score_seconds = time.perf_counter() - t0
+    results = []
+    for verify in (True, False):
+        t1 = time.perf_counter()
+        g = MinHashDedup(f.config.model_copy(update={"verify": verify}))
+        out = g.mark(scored, g.select(scored))
+        seconds = score_seconds + time.perf_counter() - t1
+        pairs = set()
+        clusters = (out.with_row_index("i").filter(pl.col("minhash_cluster_size") > 1)
+                    .group_by("minhash_cluster").agg("i"))
+        for members in clusters["i"].to_list():
+            pairs.update(combinations(sorted(members), 2))
+        results.append((verify, seconds, pairs, "x".join(map(str, g.config.band_split()))))
+    return results
+
+
+def run_datasketch(texts, threshold, num_perm, params=None):
+    from datasketch import MinHash, MinHashLSH
+
+    t0 = time.perf_counter()
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, params=params)
+    hashes, pairs = [], set()
+    for i, text in enumerate(texts):
+        m = MinHash(num_perm=num_perm, seed=1)
+        for s in shingles(text):
+            m.update(s.encode("utf-8"))
+        for j in lsh.query(m):
+            pairs.add((j, i))
+        lsh.insert(i, m)
+        hashes.append(m)
+    seconds = time.perf_counter() - t0
+    return seconds, pairs, "x".join(map(str, (lsh.b, lsh.r)))
+
+
+def run_rensa(texts, threshold, num_perm, bands):
+    from rensa import RMinHash, RMinHashLSH
+
+    t0 = time.perf_counter()
+    lsh = RMinHashLSH(threshold=threshold, num_perm=num_perm, num_bands=bands)
+    pairs = set()
+    for i, text in enumerate(texts):
+        m = RMinHash(num_perm=num_perm, seed=1)
+        m.update(list(shingles(text)))
+        for j in lsh.query(m):
+            pairs.add((j, i))
+        lsh.insert(i, m)
+    seconds = time.perf_counter() - t0
+    return seconds, pairs, f"{bands}x{num_perm // bands}"
+
+
+def quality(pairs, planted, sets, threshold):
+    true = {p for p in planted if exact_jaccard(sets[p[0]], sets[p[1]]) >= threshold}
+    good = {p for p in pairs if exact_jaccard(sets[p[0]], sets[p[1]]) >= threshold}
+    true |= good
+    precision = len(good) / len(pairs) if pairs else 1.0
+    recall = len(good & true) / len(true) if true else 1.0
+    return precision, recall, len(true)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--num-perm", type=int, default=128)
+    ap.add_argument("--skip-datasketch", action="store_true")
+    args = ap.parse_args(argv)
+
+    texts, planted = make_docs(args.n)
+    sets = [shingles(t) for t in texts]
+    js = np.array([exact_jaccard(sets[a], sets[b]) for a, b in planted])
+    print(f"{args.n} docs, {len(planted)} planted near-copies (exact Jaccard: "
+          f"{(js >= args.threshold).sum()} >= {args.threshold}, median {np.median(js):.2f})")
+
+    results = []
+    for verify, sec, pairs, split in run_alignforge(texts, args.threshold, args.num_perm):
+        label = "LSH + estimated-Jaccard check" if verify else "LSH only, verify=False"
+        results.append((f"alignforge ({label})", split, sec, pairs))
+    bands = int(split.split("x")[0])
+    sec, pairs, split = run_rensa(texts, args.threshold, args.num_perm, bands)
+    results.append(("rensa 0.5 (RMinHash.update + RMinHashLSH)", split, sec, pairs))
+    if not args.skip_datasketch:
+        sec, pairs, split = run_datasketch(texts, args.threshold, args.num_perm)
+        results.append(("datasketch 2.0 naive (update per shingle, auto bands)", split, sec, pairs))
+
+    base = next((s for name, _, s, _ in results if name.startswith("datasketch")), None)
+    rows = ["| method | bands x rows | seconds | docs/s | vs datasketch | pairs reported | precision | recall |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, split, sec, pairs in results:
+        p, r, n_true = quality(pairs, planted, sets, args.threshold)
+        speed = f"{base / sec:.1f}x" if base else "-"
+        rows.append(f"| {name} | {split} | {sec:.2f} | {args.n / sec:,.0f} | {speed} | {len(pairs)} | {p:.3f} | {r:.3f} |")
+    table = "\n".join(rows)
+    header = (f"# MinHash near-dedup, {args.n} docs, num_perm={args.num_perm}, threshold={args.threshold}, "
+              f"word {NGRAM}-grams; {n_true} true pairs (exact Jaccard >= threshold)\n\n")
+    print("\n" + header + table)
+    out = Path(__file__).parent / "results" / "minhash.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(header + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""MinHash near-duplicate removal (METHODS §7).
+
+Score (per shard): a `minhash_signature` column (`num_perm` uint32 per row), computed
+vectorised: every shingle of the shard is hashed once to 64 bits, all permutations are applied
+at once with multiply-shift universal hashing h_i(x) = (a_i * x + b_i) >> 32 (a_i odd, 64-bit
+arithmetic), and each document's minimum is taken with `np.minimum.reduceat`.
+
+Select (global): LSH banding -> candidate pairs -> (optional) check estimated Jaccard >=
+threshold -> connected components (union-find) -> the lowest `id` of each cluster is kept.
+Rows are put in canonical id order first, so clusters do not depend on shard count or order.
+Output columns: `minhash_cluster` (id of the cluster's kept row), `minhash_cluster_size`;
+drop reason `minhash_duplicate`.
+
+Bands x rows default to the split minimising fp_weight * (false-positive area) + fn_weight *
+(false-negative area) of the LSH S-curve. The weights lean to recall (0.05 / 0.95) because
+candidates are verified afterwards, so a false positive costs a comparison, while a false
+negative is a duplicate that survives. (With the symmetric 0.5/0.5 weights, 128 perms at 0.8
+give 9 bands x 13 rows, which finds only about half of the pairs just above the threshold.)
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field, model_validator
+
+from stages.base import StepConfig
+
+from .base import GlobalFilter, ordered_scores
+from .text import TextOn, mark_drops, row_text, unusable_text_reason
+
+DUPLICATE = "minhash_duplicate"
+SIGNATURE = "minhash_signature"
+# Measured on 2 cores: (perms x shingles) blocks of ~8k shingles (8 MiB) run at ~1.3 ns per
+# element; 32k-shingle blocks fell out of cache and ran 3-5x slower.
+_MAX_SHINGLES_PER_CHUNK = 1 << 13
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.05,
+                  fn_weight: float = 0.95) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm minimising the weighted FP/FN areas under the
+    LSH collision curve P(s) = 1 - (1 - s^rows)^bands."""
+    below = np.linspace(0.0, threshold, 256)
+    above = np.linspace(threshold, 1.0, 256)
+    best, best_err = (1, num_perm), np.inf
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            fp = np.trapezoid(1 - (1 - below**rows) ** bands, below)
+            fn = np.trapezoid((1 - above**rows) ** bands, above)
+            err = fp_weight * fp + fn_weight * fn
+            if err < best_err:
+                best, best_err = (bands, rows), err
+    return best
+
+
+class MinHashConfig(StepConfig):
+    on: TextOn = "instruction"
+    shingle: Literal["word", "char"] = "word"
+    # Word 3-grams: instructions are short (10-50 words); 5-grams would turn one edited word
+    # into 5 lost shingles. "char" shingles are UTF-8 byte n-grams of the normalised text.
+    ngram: int = Field(3, ge=1, le=64)
+    num_perm: int = Field(128, ge=8, le=1024)
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    bands: int | None = Field(None, ge=1)
+    rows: int | None = Field(None, ge=1)
+    # Drop candidate pairs whose estimated Jaccard (share of equal signature values) < threshold.
+    verify: bool = True
+    lowercase: bool = True
+    seed: int = 1
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+
+    @model_validator(mode="after")
+    def _bands_rows(self):
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both minhash bands and rows, or neither (then they are chosen for the threshold)")
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        return self
+
+    def band_split(self) -> tuple[int, int]:
+        if self.bands is not None:
+            return self.bands, self.rows  # type: ignore[return-value]
+        return optimal_bands(self.threshold, self.num_perm)
+
+
+def _normalise(texts: pl.Series, lowercase: bool, whitespace: bool) -> pl.Series:
+    out = texts.fill_null("")
+    if lowercase:
+        out = out.str.to_lowercase()
+    if whitespace:  # word shingles skip this: the \w+ tokenizer already ignores spacing
+        out = out.str.replace_all(r"\s+", " ").str.strip_chars()
+    return out
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads combined n-gram hashes over all 64 bits."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _ngram_hashes(units: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hash all n-grams of concatenated documents at once.
+
+    units: flat uint64 array (token hashes or bytes+1) of every document back to back;
+    lengths: units per document. A document shorter than n gives one shingle (all its units).
+    Returns (shingle hashes, shingles per document)."""
+    total = units.shape[0]
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    end_of = np.repeat(ends, lengths)  # per unit: where its document ends
+    padded = np.concatenate([units, np.zeros(n, dtype=np.uint64)])
+    pos = np.arange(total)
+    with np.errstate(over="ignore"):
+        h = padded[:total].copy()
+        for k in range(1, n):
+            nxt = np.where(pos + k < end_of, padded[k:total + k], np.uint64(0))
+            h = h * _MIX + nxt
+        h = _mix64(h)
+    per_doc = np.where(lengths >= n, lengths - n + 1, np.minimum(lengths, 1))
+    # Keep positions 0 .. per_doc-1 of each document.
+    offset_in_doc = pos - np.repeat(starts, lengths)
+    keep = offset_in_doc < np.repeat(per_doc, lengths)
+    return h[keep], per_doc
+
+
+class MinHashDedup(GlobalFilter):
+    name: ClassVar[str] = "minhash"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StepConfig]] = MinHashConfig
+    score_fields: ClassVar[tuple[str, ...]] = ("on", "shingle", "ngram", "num_perm", "lowercase", "seed")
+    score_columns: ClassVar[tuple[str, ...]] = (SIGNATURE,)
+    config: MinHashConfig
+
+    def __init__(self, config: MinHashConfig | None = None, **overrides):
+        super().__init__(config, **overrides)
+        rng = np.random.default_rng(self.config.seed)
+        p = self.config.num_perm
+        self._a = rng.integers(1, 2**63, size=p, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._b = rng.integers(0, 2**63, size=p, dtype=np.uint64)
+
+    # ---- score -------------------------------------------------------------------------
+    def shingle_hashes(self, texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        """(flat 64-bit shingle hashes, shingles per text) for a series of texts."""
+        cfg = self.config
+        norm = _normalise(texts, cfg.lowercase, whitespace=cfg.shingle == "char")
+        if cfg.shingle == "word":
+            tokens = norm.str.extract_all(r"\w+")
+            lengths = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
+            flat = tokens.explode().drop_nulls()
+            # Polars' hash differs between polars versions; signatures are recomputed then
+            # (score_fingerprint includes the polars version).
+            units = flat.hash(seed=cfg.seed).to_numpy().astype(np.uint64, copy=False)
+        else:
+            encoded = [t.encode("utf-8") for t in norm.to_list()]
+            lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+            units = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint64) + np.uint64(1)
+        return _ngram_hashes(units, lengths, cfg.ngram)
+
+    def signatures(self, texts: pl.Series) -> np.ndarray:
+        """uint32 signatures, one row per text (all 0xFFFFFFFF for a text with no shingles)."""
+        hashes, per_doc = self.shingle_hashes(texts)
+        n_docs, p = len(per_doc), self.config.num_perm
+        sig = np.full((n_docs, p), np.iinfo(np.uint32).max, dtype=np.uint32)
+        x = (hashes >> np.uint64(32)).astype(np.uint64)  # 32-bit keys for multiply-shift
+        doc_start = np.concatenate([[0], np.cumsum(per_doc)])
+        nonempty = np.flatnonzero(per_doc > 0)
+        # Chunks of whole documents, ~_MAX_SHINGLES_PER_CHUNK shingles each.
+        chunks, begin, acc = [], 0, 0
+        for j, d in enumerate(nonempty):
+            acc += per_doc[d]
+            if acc >= _MAX_SHINGLES_PER_CHUNK:
+                chunks.append(nonempty[begin:j + 1])
+                begin, acc = j + 1, 0
+        if begin < len(nonempty):
+            chunks.append(nonempty[begin:])
+
+        def run(docs: np.ndarray) -> None:
+            lo, hi = doc_start[docs[0]], doc_start[docs[-1] + 1]
+            # (perms, shingles) layout: each document's shingles are contiguous per permutation.
+            block = np.multiply(self._a[:, None], x[None, lo:hi])
+            np.add(block, self._b[:, None], out=block)
+            np.right_shift(block, np.uint64(32), out=block)
+            sig[docs] = np.minimum.reduceat(block, doc_start[docs] - lo, axis=1).T
+
+        with np.errstate(over="ignore"):
+            if self.config.workers > 1 and len(chunks) > 1:
+                with ThreadPoolExecutor(self.config.workers) as pool:
+                    list(pool.map(run, chunks))
+            else:
+                for c in chunks:
+                    run(c)
+        return sig
+
+    def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
+        texts = row_text(df, self.config.on) if df.height else pl.Series("text", [], dtype=pl.Utf8)
+        unusable = unusable_text_reason(df, texts)
+        sig = self.signatures(texts)
+        dtype = pl.Array(pl.UInt32, self.config.num_perm)
+        column = pl.Series(SIGNATURE, sig, dtype=dtype)
+        # No signature for rows that cannot be scored: they must not cluster with each other.
+        column = pl.select(pl.when(unusable.is_null()).then(column).otherwise(None)).to_series().alias(SIGNATURE) \
+            if df.height else column
+        out = df.drop(SIGNATURE, strict=False).with_columns(column)
+        self.stats = {"rows": df.height, "unusable": int(unusable.is_not_null().sum())}
+        return mark_drops(out, unusable)
+
+    def score_fingerprint(self, *input_fingerprints: str) -> str:
+        return super().score_fingerprint(*input_fingerprints, f"polars=={pl.__version__}")
+
+    # ---- select ------------------------------------------------------------------------
+    def candidate_pairs(self, sig: np.ndarray) -> np.ndarray:
+        """(k, 2) int64 row-index pairs sharing at least one LSH band (i < j, unique)."""
+        bands, rows = self.config.band_split()
+        n = sig.shape[0]
+        if n < 2:
+            return np.empty((0, 2), dtype=np.int64)
+        rng = np.random.default_rng(12345)
+        weights = rng.integers(1, 2**63, size=rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        edges = []
+        with np.errstate(over="ignore"):
+            for b in range(bands):
+                band = sig[:, b * rows:(b + 1) * rows].astype(np.uint64)
+                key = _mix64((band * weights).sum(axis=1, dtype=np.uint64) + np.uint64(b))
+                order = np.argsort(key, kind="stable")
+                sk = key[order]
+                same_as_prev = np.concatenate([[False], sk[1:] == sk[:-1]])
+                if not same_as_prev.any():
+                    continue
+                run_start = np.maximum.accumulate(np.where(same_as_prev, 0, np.arange(n)))
+                members = np.flatnonzero(same_as_prev)
+                # Star (first of bucket -> member) and chain (previous -> member) edges: O(n) per
+                # band, and a member that fails verification against the first can still link.
+                edges.append(np.stack([order[run_start[members]], order[members]], axis=1))
+                edges.append(np.stack([order[members - 1], order[members]], axis=1))
+        if not edges:
+            return np.empty((0, 2), dtype=np.int64)
+        pairs = np.concatenate(edges).astype(np.int64)
+        pairs.sort(axis=1)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        return np.unique(pairs, axis=0)
+
+    def select(self, scores: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        table = ordered_scores(scores, [SIGNATURE], self.name)
+        n = table.height
+        ids = table["id"]
+        has_sig = table[SIGNATURE].is_not_null().to_numpy()
+        sig_rows = np.flatnonzero(has_sig)
+        if len(sig_rows):
+            sig = table[SIGNATURE].filter(pl.Series(has_sig)).to_numpy()
+            if sig.ndim != 2 or sig.shape[1] != self.config.num_perm:
+                raise ValueError(
+                    f"minhash signatures have {sig.shape[-1]} values but num_perm={self.config.num_perm}; "
+                    "re-score with the same num_perm")
+            sig = np.ascontiguousarray(sig, dtype=np.uint32)
+        else:
+            sig = np.empty((0, self.config.num_perm), dtype=np.uint32)
+        pairs = self.candidate_pairs(sig)
+        candidates = len(pairs)
+        if self.config.verify and len(pairs):
+            keep = np.empty(len(pairs), dtype=bool)
+            for s in range(0, len(pairs), 65536):
+                p = pairs[s:s + 65536]
+                est = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
+                keep[s:s + 65536] = est >= self.config.threshold
+            pairs = pairs[keep]
+        # Back to positions in the canonical (id-sorted) table.
+        pairs = sig_rows[pairs] if len(pairs) else np.empty((0, 2), dtype=np.int64)
+        graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        _, labels = connected_components(graph, directed=False)
+        # The kept row of a cluster: the lowest canonical position (= lowest id, first copy).
+        rep_of_label = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+        np.minimum.at(rep_of_label, labels, np.arange(n))
+        rep = rep_of_label[labels] if n else np.empty(0, dtype=np.int64)
+        sizes = np.bincount(labels)[labels] if n else np.empty(0, dtype=np.int64)
+        self.stats = {"candidate_pairs": candidates, "verified_pairs": len(pairs),
+                      "clusters_with_duplicates": int((np.bincount(labels) > 1).sum()) if n else 0,
+                      "duplicates": int((rep != np.arange(n)).sum())}
+        decisions = pl.DataFrame({
+            "_pos": table["_pos"],
+            "id": ids,
+            "minhash_cluster": ids.gather(rep) if n else ids,
+            "minhash_cluster_size": pl.Series(sizes, dtype=pl.Int64),
+            "_dup": pl.Series(rep != np.arange(n), dtype=pl.Boolean),
+        }).with_columns(
+            pl.when(pl.col("_dup")).then(pl.lit(DUPLICATE)).otherwise(pl.lit(None, dtype=pl.Utf8)).alias("_reason")
+        ).drop("_dup")
+        return decisions.sort("_pos").drop("_pos")
