@@ -320,7 +320,9 @@ class JudgeReward:
         self.scale = scale
         self.prefill = prefill
         self.model_id = f"judge:{getattr(engine, 'model_id', type(engine).__name__)}"
-        self.max_prompt_tokens = max_prompt_tokens or getattr(engine, "max_model_len", None) or 2048
+        options = getattr(engine, "engine_options", None) or {}
+        self.max_prompt_tokens = int(max_prompt_tokens or getattr(engine, "max_model_len", None)
+                                     or options.get("max_model_len") or 2048)
         self.ratings = [str(i) for i in range(1, scale + 1)]
         self.stats: dict[str, Any] = {"rows": 0, "scored": 0, "seconds": 0.0, "missing_rating_tokens": 0}
 
@@ -329,8 +331,9 @@ class JudgeReward:
                                   for m in prompt)
         messages = [{"role": "system", "content": JUDGE_SYSTEM.format(top=self.scale)},
                     {"role": "user", "content": JUDGE_USER.format(instruction=instruction, response=response, top=self.scale)}]
-        text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text + self.prefill
+        from engines import chat_template
+
+        return chat_template.render(self.engine.tokenizer, messages, add_generation_prompt=True) + self.prefill
 
     def score(self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str | None]) -> list[RewardResult]:
         _check_lengths(prompts, responses)

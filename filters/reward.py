@@ -1,0 +1,130 @@
+"""RewardLabel: score each (prompt, response) row of a shard with a reward model or the judge.
+
+Adds a `reward` Float64 column. A row that can't be scored keeps reward = null and is marked
+keep=False with the scorer's reason ("empty_response", "too_long", "no_rating_token"). If the
+reward model can't be loaded at all (e.g. no chat template), every row of the shard is marked
+with that error's reason and the message lands in `stats["reward_error"]`: the run goes on,
+and the drop is counted and reported instead of crashing the flow.
+
+Input rows: `messages` ending with the assistant response (prompt = the turns before it), or
+`prompt` (messages) + `response` (string) columns. The whole shard is scored in one call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Literal
+
+import polars as pl
+from pydantic import Field
+
+from engines.reward import RewardModelError, RewardScorer, make_scorer
+from schemas import SchemaError
+from stages.base import Step, StepConfig
+
+from .text import mark_drops
+
+log = logging.getLogger(__name__)
+
+# Scorers are costly to load (vLLM start); one per process and configuration.
+_SCORERS: dict[tuple, RewardScorer] = {}
+
+
+class RewardLabelConfig(StepConfig):
+    model: str | None = Field(None, description="reward model folder or hub id; None = generative judge on the engine")
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    template: Literal["chat", "plain"] = Field("chat", description="'plain' for reward models without a chat template")
+    max_length: int | None = Field(None, ge=8, description="context limit; None = the model's own")
+    batch_size: int = Field(16, ge=1, description="rows per forward pass (transformers backend)")
+    score_head: int = Field(0, ge=0, description="output index of multi-head reward models")
+    trust_remote_code: bool = False
+    judge_scale: int = Field(5, ge=2, le=9, description="judge rates 1..judge_scale")
+
+
+class RewardLabel(Step):
+    """Shard -> shard + `reward` (float, null when unscorable) + keep / drop_reason."""
+
+    name = "reward_label"
+    version = 1
+    Config = RewardLabelConfig
+    config: RewardLabelConfig
+
+    def __init__(self, config: StepConfig | None = None, *, engine: Any = None, scorer: RewardScorer | None = None,
+                 **overrides: Any):
+        super().__init__(config, **overrides)
+        self.engine = engine
+        self._scorer = scorer
+
+    @property
+    def scorer_id(self) -> str:
+        """What the fingerprint and manifest record as the scoring model."""
+        if self._scorer is not None:
+            return str(self._scorer.model_id)
+        if self.config.model:
+            return str(self.config.model)
+        return f"judge:{getattr(self.engine, 'model_id', None)}"
+
+    def scorer(self) -> RewardScorer:
+        if self._scorer is None:
+            cfg = self.config
+            if cfg.model:
+                key = (cfg.model, cfg.backend, cfg.template, cfg.max_length, cfg.batch_size, cfg.score_head,
+                       cfg.trust_remote_code)
+                if key not in _SCORERS:
+                    _SCORERS[key] = make_scorer(cfg.model, backend=cfg.backend, template=cfg.template,
+                                                max_length=cfg.max_length, batch_size=cfg.batch_size,
+                                                score_head=cfg.score_head, trust_remote_code=cfg.trust_remote_code)
+                self._scorer = _SCORERS[key]
+            else:
+                self._scorer = make_scorer(None, engine=self.engine, scale=cfg.judge_scale)
+        return self._scorer
+
+    def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
+        prompts, responses = pairs_of(df, self.name)
+        live = df["keep"].fill_null(True).to_list() if "keep" in df.columns else [True] * df.height
+        todo = [i for i in range(df.height) if live[i]]
+        rewards: list[float | None] = [None] * df.height
+        reasons: list[str | None] = [None] * df.height
+        self.stats = {"rows_in": df.height, "scored": 0, "generated_tokens": 0}
+        try:
+            scorer = self.scorer()
+            before = dict(getattr(scorer, "stats", {}) or {})
+            results = scorer.score([prompts[i] for i in todo], [responses[i] for i in todo]) if todo else []
+            for i, result in zip(todo, results):
+                rewards[i], reasons[i] = result.score, (None if result.score is not None else result.reason or "unscored")
+            after = getattr(scorer, "stats", {}) or {}
+            self.stats["seconds_scoring"] = round(float(after.get("seconds", 0.0)) - float(before.get("seconds", 0.0)), 4)
+            if "missing_rating_tokens" in after:
+                self.stats["missing_rating_tokens"] = int(after["missing_rating_tokens"]) - int(
+                    before.get("missing_rating_tokens", 0))
+        except RewardModelError as error:
+            log.warning("%s: %s (all %d rows of this shard dropped as %r)", self.name, error, len(todo), error.reason)
+            self.stats["reward_error"] = str(error)
+            for i in todo:
+                reasons[i] = error.reason
+        self.stats["scored"] = sum(1 for r in rewards if r is not None)
+        self.stats["dropped"] = dict(Counter(r for r in reasons if r is not None))
+        out = df.with_columns(pl.Series("reward", rewards, dtype=pl.Float64))
+        return mark_drops(out, pl.Series("_reason", reasons, dtype=pl.Utf8))
+
+
+def pairs_of(df: pl.DataFrame, where: str = "reward") -> tuple[list[list[dict[str, str]]], list[str | None]]:
+    """(prompt messages, response text) per row, from `messages` or from `prompt` + `response`."""
+    if "messages" in df.columns:
+        prompts, responses = [], []
+        for i, messages in enumerate(df["messages"].to_list()):
+            messages = list(messages or [])
+            if messages and messages[-1]["role"] == "assistant":
+                prompts.append(messages[:-1])
+                responses.append(messages[-1]["content"])
+            else:  # no answer to score: reported as an empty response, not a crash
+                prompts.append(messages)
+                responses.append(None)
+        return prompts, responses
+    if "prompt" in df.columns and "response" in df.columns:
+        prompts = [list(p or []) for p in df["prompt"].to_list()]
+        return prompts, df["response"].to_list()
+    raise SchemaError(f"{where}: need a `messages` column ending with the assistant response, or `prompt` "
+                      f"(messages) + `response` (string) columns; got {df.columns}", column="messages",
+                      fix="run best_of_n / magpie_responses first, or rename your columns")

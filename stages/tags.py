@@ -1,0 +1,167 @@
+"""Magpie-style instruction tags and the official Magpie SFT filter.
+
+`MagpieTags` asks the chat model three short questions per instruction (input quality,
+difficulty, task category). Each answer is constrained with vLLM structured outputs
+(`Sampling.choice`) to exactly one allowed label, so every row parses; decoding is greedy. All
+3 x rows questions of a shard go to the engine in ONE chat call.
+
+`magpie_official_filter(df, n)` is the official SFT selection as a ready global function:
+quality >= average (option: good), reward >= -10 (if a `reward` column exists), instruction
+not ending with ":", first (lowest id) of each near-duplicate group (if `minhash_cluster`
+exists), then the n rows with the longest responses. Every row it removes gets keep=False and
+the rule's reason; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from pydantic import Field
+
+from engines.base import Engine, Sampling
+from stages.base import Step, StepConfig
+from stages.best_of_n import prompts_of
+
+INPUT_QUALITY = ("very poor", "poor", "average", "good", "excellent")
+DIFFICULTY = ("very easy", "easy", "medium", "hard", "very hard")
+TASK_CATEGORY = ("information seeking", "reasoning", "planning", "editing", "coding & debugging", "math",
+                 "role playing", "data analysis", "creative writing", "advice seeking", "brainstorming", "others")
+
+TAG_LABELS = {"input_quality": INPUT_QUALITY, "difficulty": DIFFICULTY, "task_category": TASK_CATEGORY}
+
+# Our wording. Each question shows the request and lists the allowed labels.
+TAG_QUESTIONS = {
+    "input_quality": ("Rate how clear, specific and well-formed this user request is: does it give enough "
+                      "context and say what is wanted?"),
+    "difficulty": "Rate how hard it would be for a capable assistant to answer this user request well.",
+    "task_category": "Which kind of task is this user request mainly asking for?",
+}
+TAG_SYSTEM = ("You label user requests for a dataset. Answer with exactly one of the allowed labels and "
+              "nothing else.")
+
+
+def tag_prompt(column: str, instruction: str) -> list[dict[str, str]]:
+    labels = ", ".join(TAG_LABELS[column])
+    user = (f"{TAG_QUESTIONS[column]}\n\n<request>\n{instruction}\n</request>\n\n"
+            f"Allowed labels: {labels}.\nLabel:")
+    return [{"role": "system", "content": TAG_SYSTEM}, {"role": "user", "content": user}]
+
+
+class MagpieTagsConfig(StepConfig):
+    tags: tuple[str, ...] = Field(("input_quality", "difficulty", "task_category"),
+                                  description="which tags to compute (subset of the three)")
+    max_instruction_chars: int = Field(4000, ge=1, description="longer instructions are cut for the tagger prompt")
+
+
+class MagpieTags(Step):
+    """Rows with `instruction` (or `messages`) -> + `input_quality`, `difficulty`, `task_category`."""
+
+    name = "magpie_tags"
+    version = 1
+    Config = MagpieTagsConfig
+    config: MagpieTagsConfig
+
+    def __init__(self, config: StepConfig | None = None, *, engine: Engine | None = None, **overrides: Any):
+        super().__init__(config, **overrides)
+        unknown = set(self.config.tags) - set(TAG_LABELS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown tags {sorted(unknown)}. Fix: use a subset of {list(TAG_LABELS)}")
+        self.engine = engine
+
+    def instructions(self, df: pl.DataFrame) -> list[str]:
+        if "instruction" in df.columns:
+            return [t or "" for t in df["instruction"].to_list()]
+        # First user turn of the conversation (what Magpie tags).
+        firsts = []
+        for prompt in prompts_of(df, where=self.name):
+            firsts.append(next((m["content"] for m in prompt if m["role"] == "user"), "") or "")
+        return firsts
+
+    def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
+        if self.engine is None:
+            raise ValueError(f"{self.name}: no engine. Fix: MagpieTags(engine=get_engine(...))")
+        texts = [t[: self.config.max_instruction_chars] for t in self.instructions(df)]
+        live = [bool(t.strip()) for t in texts]
+        requests = [(column, i) for column in self.config.tags for i in range(df.height) if live[i]]
+        conversations = [tag_prompt(column, texts[i]) for column, i in requests]
+        longest = {c: max(len(self.engine.tokenizer(label, add_special_tokens=False)["input_ids"]) for label in labels)
+                   for c, labels in TAG_LABELS.items()}
+        samplings = [Sampling(temperature=0.0, max_tokens=longest[column] + 4, choice=TAG_LABELS[column])
+                     for column, _ in requests]
+        results = self.engine.chat(conversations, samplings, desc=self.name) if requests else []
+        values: dict[str, list[str | None]] = {c: [None] * df.height for c in self.config.tags}
+        unparsed = 0
+        for (column, i), result in zip(requests, results):
+            text = result.completions[0].text.strip()
+            if text in TAG_LABELS[column]:
+                values[column][i] = text
+            else:  # structured outputs make this unreachable on vLLM; counted, never guessed
+                unparsed += 1
+        self.stats = {"rows_in": df.height, "requests": len(requests), "unparsed": unparsed,
+                      "empty_instruction": live.count(False),
+                      "generated_tokens": sum(r.completions[0].num_tokens for r in results)}
+        return df.with_columns([pl.Series(c, v, dtype=pl.Utf8) for c, v in values.items()])
+
+
+# ---------------------------------------------------------------- official SFT filter
+
+def _response_length(df: pl.DataFrame) -> pl.Expr:
+    if "response" in df.columns:
+        return pl.col("response").fill_null("").str.len_chars()
+    if "messages" in df.columns:
+        return (pl.col("messages").list.eval(
+            pl.when(pl.element().struct.field("role") == "assistant")
+            .then(pl.element().struct.field("content").str.len_chars()).otherwise(0)).list.sum())
+    raise ValueError(f"magpie_official_filter: need `messages` or `response` to rank by response length; got {df.columns}")
+
+
+def _instruction(df: pl.DataFrame) -> pl.Expr:
+    if "instruction" in df.columns:
+        return pl.col("instruction").fill_null("")
+    if "messages" in df.columns:
+        return (pl.col("messages").list.eval(pl.element().filter(pl.element().struct.field("role") == "user")
+                                             .struct.field("content")).list.first().fill_null(""))
+    raise ValueError(f"magpie_official_filter: need `instruction` or `messages`; got {df.columns}")
+
+
+def magpie_official_filter(df: pl.DataFrame, n: int, *, min_quality: str = "average", min_reward: float = -10.0
+                           ) -> pl.DataFrame:
+    """Annotate `df` with the official Magpie SFT selection (keep / drop_reason); see module docstring.
+
+    Drop reasons, in rule order: low_input_quality, low_reward, instruction_ends_with_colon,
+    near_duplicate, not_in_top_n. Rows already keep=False stay dropped with their reason. A null
+    tag or reward fails its rule (it can't be shown to pass)."""
+    if min_quality not in INPUT_QUALITY:
+        raise ValueError(f"min_quality={min_quality!r}. Fix: use one of {INPUT_QUALITY} (official: 'average' or 'good')")
+    if "input_quality" not in df.columns:
+        raise ValueError("magpie_official_filter needs `input_quality`. Fix: run stages.tags.MagpieTags first")
+    if "id" not in df.columns:
+        raise ValueError("magpie_official_filter needs `id` (ties and near-duplicates resolve to the lowest id)")
+    rank = {label: i for i, label in enumerate(INPUT_QUALITY)}
+    out = df.with_row_index("_row")
+    prior_keep = pl.col("keep").fill_null(True) if "keep" in df.columns else pl.lit(True)
+    prior_reason = pl.col("drop_reason") if "drop_reason" in df.columns else pl.lit(None, dtype=pl.Utf8)
+    quality_ok = pl.col("input_quality").replace_strict(rank, default=-1, return_dtype=pl.Int64) >= rank[min_quality]
+    rules: list[tuple[str, pl.Expr]] = [("low_input_quality", quality_ok)]
+    if "reward" in df.columns:
+        rules.append(("low_reward", (pl.col("reward") >= min_reward).fill_null(False)))
+    rules.append(("instruction_ends_with_colon", ~_instruction(df).str.strip_chars().str.ends_with(":")))
+    reason = pl.when(~prior_keep).then(prior_reason.fill_null("dropped"))
+    for name, ok in rules:
+        reason = reason.when(~ok).then(pl.lit(name))
+    out = out.with_columns(reason.otherwise(None).cast(pl.Utf8).alias("_reason"))
+    if "minhash_cluster" in df.columns:
+        # Singletons (null cluster) are their own group.
+        group = pl.coalesce(pl.col("minhash_cluster").cast(pl.Utf8), pl.lit("row:") + pl.col("_row").cast(pl.Utf8))
+        alive = pl.col("_reason").is_null()
+        first = pl.col("id").filter(alive).min().over(group)
+        out = out.with_columns(pl.when(alive & (pl.col("id") != first)).then(pl.lit("near_duplicate"))
+                               .otherwise(pl.col("_reason")).alias("_reason"))
+    out = out.with_columns(_response_length(df).alias("_length"))
+    survivors = out.filter(pl.col("_reason").is_null()).sort(["_length", "id"], descending=[True, False]).head(max(n, 0))
+    chosen = set(survivors["_row"].to_list())
+    out = out.with_columns(pl.when(pl.col("_reason").is_null() & ~pl.col("_row").is_in(list(chosen)))
+                           .then(pl.lit("not_in_top_n")).otherwise(pl.col("_reason")).alias("_reason"))
+    return out.with_columns(pl.col("_reason").is_null().alias("keep"), pl.col("_reason").alias("drop_reason")) \
+              .drop("_row", "_reason", "_length")
