@@ -5,16 +5,13 @@
 
 from storage.dataset import ShardedDataset, StorageError, split_kept
 from storage.manifest import build_manifest, sum_stats
+from storage.publish import publish  # `datasets` itself is imported lazily, only when publishing
 
 __all__ = ["ShardedDataset", "StorageError", "build_manifest", "publish", "inspect_dataset",
            "split_kept", "sum_stats"]
 
 
 def __getattr__(name):
-    # publish / inspect pull in `datasets`-adjacent code; import them on first use.
-    if name == "publish":
-        from storage.publish import publish
-        return publish
     if name == "inspect_dataset":
         from storage.inspect import inspect_dataset
         return inspect_dataset
