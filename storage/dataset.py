@@ -4,7 +4,8 @@ Layout of a dataset folder:
 
     part-00000.parquet            kept rows of shard 0 (its presence = shard committed)
     rejected/part-00000.parquet   rows with keep == False, with drop_reason (only if any)
-    _stats/part-00000.json        per-shard counts and the step's stats (tokens, seconds...)
+    _stats/part-00000.json        rows_written / rows_kept / rows_dropped / dropped_by_reason,
+                                  plus the stats the step passed (tokens, seconds...)
     _manifest.json                written last by `commit`: no manifest = dataset not committed
 
 A shard is written rejected part -> stats -> kept part, each to a hidden `.tmp-<uuid>` name and
@@ -180,10 +181,12 @@ class ShardedDataset:
         df = conform(df)
         kept, rejected = split_kept(df)
         reasons = Counter(rejected["drop_reason"].to_list()) if rejected.height else Counter()
+        # The step's own stats (tokens, seconds, its notion of rows_in...) are kept verbatim; the
+        # counts storage is sure of use reserved names and win on a clash.
         shard_stats = {
-            "rows_in": df.height, "rows_kept": kept.height, "rows_dropped": rejected.height,
+            **(stats or {}),
+            "rows_written": df.height, "rows_kept": kept.height, "rows_dropped": rejected.height,
             "dropped_by_reason": dict(sorted(reasons.items())),
-            **{k: v for k, v in (stats or {}).items()},
         }
         if self.has_shard(index):  # rewriting a committed shard: un-commit it first
             self._remove(name)

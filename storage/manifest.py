@@ -11,7 +11,7 @@ import alignforge
 from storage.dataset import ShardedDataset
 
 # Per-shard stats written by storage itself (counted separately, not summed as step stats).
-_COUNT_KEYS = {"rows_in", "rows_kept", "rows_dropped", "dropped_by_reason"}
+_COUNT_KEYS = {"rows_written", "rows_kept", "rows_dropped", "dropped_by_reason"}
 
 
 def _plain(config: Any) -> Any:

@@ -147,8 +147,9 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
     - test_size > 0 splits every config by hashing ids with `seed` (same split on every rerun);
     - `rejected`: a DataFrame / ShardedDataset / list of them with drop_reason (the run's
       rejected rows); written to rejected/ and exposed as config "rejected";
-    - `card`: pretty_name, description, license, tags, task_categories, language, model,
-      sampling (dict), lineage (list of stage manifests), n_examples.
+    - `card`: pretty_name/title, description, method, recipe, license, tags, task_categories,
+      language, model, sampling (dict), params (dict), lineage (list of stage manifests or
+      {stage name: manifest}), drop_stats, generated_tokens, tokens_per_second, n_examples.
     Returns the publish manifest (also written to `_manifest.json`).
     """
     card = dict(card or {})
@@ -228,7 +229,7 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
             "test_size": test_size,
             "seed": seed,
             "dropped_by_reason": dict(drop_counts.most_common()),
-            "lineage": [_lineage_entry(m) for m in card.get("lineage", [])],
+            "lineage": _lineage(card.get("lineage")),
             "model": card.get("model"),
             "sampling": card.get("sampling"),
             "alignforge_version": alignforge.__version__,
@@ -280,9 +281,20 @@ def _swap_into_place(fs, tmp: str, root: str, parent: str, name: str) -> None:
         fs.rm(old, recursive=True)
 
 
-def _lineage_entry(manifest: Mapping[str, Any]) -> dict[str, Any]:
+def _lineage(lineage: Any) -> list[dict[str, Any]]:
+    """Stage manifests as a list, or {name: manifest} (None = stage without manifest, skipped)."""
+    if not lineage:
+        return []
+    items = lineage.items() if isinstance(lineage, Mapping) else ((None, m) for m in lineage)
+    return [_lineage_entry(m, name) for name, m in items if m]
+
+
+def _lineage_entry(manifest: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+    if isinstance(manifest, ShardedDataset):
+        manifest = manifest.manifest() or {}
     rows = manifest.get("rows", {})
-    return {"stage": manifest.get("stage") or f"{manifest.get('step_name')}@{manifest.get('step_version')}",
+    return {"stage": manifest.get("stage") or name or f"{manifest.get('step_name')}@{manifest.get('step_version')}",
+            "name": name,
             "fingerprint": manifest.get("fingerprint"), "rows_in": rows.get("in"), "rows_kept": rows.get("kept"),
             "dropped_by_reason": rows.get("dropped_by_reason", {}), "engine_models": manifest.get("engine_models", []),
             "config": manifest.get("config", {})}
@@ -336,6 +348,10 @@ def render_card(splits_info, frames, drop_counts, card, manifest) -> str:
     title = card.get("pretty_name") or card.get("title") or "alignforge dataset"
     lines = [f"# {title}", ""]
     lines.append(card.get("description") or "Synthetic alignment data generated and filtered with alignforge.")
+    if card.get("method"):
+        lines += ["", f"Method: {card['method']}."]
+    if card.get("recipe"):
+        lines += ["", f"Recipe: `alignforge run {card['recipe']}`."]
     lines += ["", "## Contents", "", "| config | split | rows | files |", "|---|---|---|---|"]
     for config_name, splits in splits_info.items():
         for split, info in splits.items():
@@ -373,6 +389,15 @@ def render_card(splits_info, frames, drop_counts, card, manifest) -> str:
             lines.append(f"| {entry['stage']} | `{(entry['fingerprint'] or '')[:12]}` | {entry['rows_in']} | "
                          f"{entry['rows_kept']} | {reasons} | {models} |")
         lines.append("")
+    run_numbers = {k: card[k] for k in ("generated_tokens", "tokens_per_second", "seconds") if k in card}
+    if run_numbers:
+        lines += ["## Run", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in run_numbers.items()] + [""]
+    if card.get("params"):
+        lines += ["## Parameters", "", "```json", json.dumps(card["params"], indent=1, default=str), "```", ""]
+    if card.get("drop_stats"):
+        lines += ["## Drops during the run", "", "| reason | rows |", "|---|---|"]
+        lines += [f"| {r} | {n} |" for r, n in sorted(card["drop_stats"].items(), key=lambda kv: -kv[1])] + [""]
     lines += ["## Dropped rows", ""]
     if drop_counts:
         lines += [f"{sum(drop_counts.values())} rows are in `rejected/` (config `rejected`) with their reason:", "",

@@ -30,7 +30,7 @@ def ds(request, tmp_path):
 def test_write_read_route_rejected_and_stats(ds):
     stats = ds.write_shard(0, rows(6, drop_every=3), stats={"generated_tokens": 60, "seconds": 1.5})
     ds.write_shard(1, rows(4, start=6))
-    assert stats["rows_in"] == 6 and stats["rows_kept"] == 4 and stats["dropped_by_reason"] == {"too_short": 2}
+    assert stats["rows_written"] == 6 and stats["rows_kept"] == 4 and stats["dropped_by_reason"] == {"too_short": 2}
     assert ds.shard_indices() == [0, 1]
     kept = ds.read()
     assert kept["id"].to_list() == ["r1", "r2", "r4", "r5", "r6", "r7", "r8", "r9"]

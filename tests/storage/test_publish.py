@@ -95,6 +95,7 @@ def test_card_yaml_and_prose(published):
                    "| deita_quality | 10 |", "## Examples"]:
         assert needle in text, needle
     manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["lineage"][0]["rows_in"] == 40 and manifest["lineage"][0]["rows_kept"] == 30
     assert manifest["dropped_by_reason"] == {"deita_quality": 10} and manifest["lineage"][0]["stage"] == "deita@1"
 
 
@@ -154,3 +155,16 @@ def test_publish_errors_are_clear(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="cannot publish"):
         publish(tmp_path / "file", {"default": sft_rows(2)})
+
+
+def test_card_accepts_lineage_by_name_and_run_numbers(tmp_path):
+    stage = ShardedDataset(tmp_path / "stage")
+    stage.write_shard(0, sft_rows(4))
+    stage.commit(build_manifest(step_name="magpie_responses", step_version=1, fingerprint="f00", dataset=stage))
+    publish(tmp_path / "pub", {"default": sft_rows(4)},
+            card={"title": "Magpie SFT", "method": "Magpie", "lineage": {"responses": stage.manifest(), "x": None},
+                  "generated_tokens": 123, "params": {"n": 4}, "drop_stats": {"empty": 2}})
+    text = (tmp_path / "pub" / "README.md").read_text()
+    for needle in ["# Magpie SFT", "Method: Magpie.", "| magpie_responses@1 | `f00` | 4 | 4 |",
+                   "| generated_tokens | 123 |", '"n": 4', "| empty | 2 |"]:
+        assert needle in text, needle
