@@ -146,7 +146,8 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
       lose the internal `keep` / `drop_reason` columns;
     - test_size > 0 splits every config by hashing ids with `seed` (same split on every rerun);
     - `rejected`: a DataFrame / ShardedDataset / list of them with drop_reason (the run's
-      rejected rows); written to rejected/ and exposed as config "rejected";
+      rejected rows); written to rejected/ and exposed as config "rejected". When None, configs
+      given as ShardedDataset contribute their own rejected/ rows;
     - `card`: pretty_name/title, description, method, recipe, license, tags, task_categories,
       language, model, sampling (dict), params (dict), lineage (list of stage manifests or
       {stage name: manifest}), drop_stats, generated_tokens, tokens_per_second, n_examples.
@@ -188,6 +189,11 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
     try:
         for config_name, value in configs.items():
             df = conform(_frame(value, config_name))
+            if rejected is None and isinstance(value, ShardedDataset):
+                # No explicit rejected rows: publish the stage's own, so drops stay visible.
+                own = value.read(rejected=True)
+                if own.height:
+                    rejected_parts.append(own.with_columns(published_config=pl.lit(config_name)))
             if "keep" in df.columns:
                 dropped = df.filter(~pl.col("keep").fill_null(True))
                 if dropped.height:

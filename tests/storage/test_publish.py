@@ -168,3 +168,11 @@ def test_card_accepts_lineage_by_name_and_run_numbers(tmp_path):
     for needle in ["# Magpie SFT", "Method: Magpie.", "| magpie_responses@1 | `f00` | 4 | 4 |",
                    "| generated_tokens | 123 |", '"n": 4', "| empty | 2 |"]:
         assert needle in text, needle
+
+
+def test_sharded_dataset_config_brings_its_rejected_rows_when_none_given(tmp_path):
+    stage = ShardedDataset(tmp_path / "stage")
+    stage.write_shard(0, sft_rows(6, drop_every=3))
+    result = publish(tmp_path / "pub", {"default": stage})
+    assert result["dropped_by_reason"] == {"deita_quality": 2}
+    assert result["configs"]["default"]["train"]["num_examples"] == 4
