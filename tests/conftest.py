@@ -1,0 +1,26 @@
+"""Shared fixtures. The real vLLM engine starts at most once per test session, and only when a
+selected test asks for it (`-m "not engine"` never starts it)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    # A test that uses the engine fixture is an engine test, marked or not, so `-m "not engine"`
+    # deselects it instead of silently starting vLLM.
+    for item in items:
+        if "engine" in getattr(item, "fixturenames", ()) and item.get_closest_marker("engine") is None:
+            item.add_marker(pytest.mark.engine)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The process-cached VLLMEngine on the embedded SmolLM2 model; shut down after the session."""
+    from engines import get_engine, shutdown_all
+
+    eng = get_engine()  # no options: the same cached engine a test or stage gets from get_engine()
+    try:
+        yield eng
+    finally:
+        shutdown_all()
