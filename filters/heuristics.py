@@ -1,0 +1,196 @@
+"""Cheap per-row quality heuristics, each with its own score column and drop reason.
+
+| check                      | score column                     | drop reason                   |
+|----------------------------|----------------------------------|-------------------------------|
+| unreadable / blank text    | -                                | invalid_utf8 / empty_text     |
+| instruction length         | heur_instruction_chars / _words  | instruction_too_short / _long |
+| response length            | heur_response_chars / _words     | response_too_short / _long    |
+| instruction ends with ":"  | heur_instruction_colon           | instruction_ends_with_colon   |
+| chat-template token leak   | heur_template_leak (token found) | template_token_leak           |
+| repeated lines (Gopher)    | heur_repeated_line_ratio         | repeated_lines                |
+| repeated n-grams (Gopher)  | heur_repeated_ngram_ratio        | repeated_ngrams               |
+| language (lingua)          | heur_language                    | language_mismatch             |
+
+Ratios are over the whole conversation. Repeated-line ratio = share of non-blank lines that
+duplicate an earlier line; repeated n-gram ratio = share of characters covered by word n-grams
+(n = `ngram`, default 5) that occur more than once (Gopher's duplicate n-gram fraction).
+A row failing several checks gets the first reason in the table order. A bound set to None is
+not checked.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import polars as pl
+from pydantic import Field
+
+from stages.base import Step, StepConfig
+
+from .text import EMPTY_TEXT, INVALID_UTF8, conversation_expr, instruction_expr, mark_drops, response_expr, \
+    row_text, unusable_text_reason
+
+TEMPLATE_TOKENS = (
+    "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|begin_of_text|>", "<|end_of_text|>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
+    "<start_of_turn>", "<end_of_turn>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>",
+    "<|end|>", "</s>", "<s>",
+)
+_LANG_SAMPLE_CHARS = 2000  # language of the first 2000 chars: enough, and 1 MB rows stay fast
+
+
+class HeuristicsConfig(StepConfig):
+    min_instruction_chars: int | None = 3
+    max_instruction_chars: int | None = 8000
+    min_instruction_words: int | None = 1
+    max_instruction_words: int | None = None
+    min_response_chars: int | None = 1
+    max_response_chars: int | None = 32000
+    min_response_words: int | None = None
+    max_response_words: int | None = None
+    drop_colon_ending: bool = True
+    template_tokens: tuple[str, ...] = TEMPLATE_TOKENS
+    max_repeated_line_ratio: float | None = Field(0.3, ge=0.0, le=1.0)
+    max_repeated_ngram_ratio: float | None = Field(0.2, ge=0.0, le=1.0)
+    ngram: int = Field(5, ge=1)
+    # Allowed languages (lingua names, e.g. "ENGLISH"); None: no language check.
+    languages: tuple[str, ...] | None = None
+    # Languages lingua chooses among (fewer = faster); None: the allowed ones plus a few common ones.
+    candidate_languages: tuple[str, ...] | None = None
+    min_language_chars: int = Field(20, ge=0, description="shorter texts are not language-checked")
+
+
+def repeated_line_ratio(text: str | None) -> float:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    if not lines:
+        return 0.0
+    return 1.0 - len(set(lines)) / len(lines)
+
+
+def repeated_ngram_ratio(text: str | None, n: int = 5) -> float:
+    """Share of word characters covered by word n-grams that occur more than once."""
+    words = (text or "").split()
+    if len(words) < n:
+        return 0.0
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    counts: dict[tuple, int] = {}
+    for g in grams:
+        counts[g] = counts.get(g, 0) + 1
+    covered = [False] * len(words)
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            for k in range(i, i + n):
+                covered[k] = True
+    total = sum(len(w) for w in words)
+    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
+
+
+class _Language:
+    def __init__(self, allowed: tuple[str, ...], candidates: tuple[str, ...] | None):
+        try:
+            from lingua import Language, LanguageDetectorBuilder
+        except ImportError as exc:
+            raise ImportError("the heuristics language check needs lingua: pip install lingua-language-detector "
+                              "(or pip install -e '.[curate]'), or set heuristics.languages=null") from exc
+        names = set(allowed) | set(candidates or ("ENGLISH", "FRENCH", "GERMAN", "SPANISH", "CHINESE",
+                                                   "RUSSIAN", "PORTUGUESE", "JAPANESE"))
+        unknown = sorted(n for n in names if not hasattr(Language, n.upper()))
+        if unknown:
+            raise ValueError(f"unknown lingua language name(s) {unknown}; use upper-case English names "
+                             "like 'ENGLISH', 'GERMAN'")
+        self.detector = LanguageDetectorBuilder.from_languages(*(getattr(Language, n.upper()) for n in names)).build()
+
+    def detect(self, texts: list[str | None]) -> list[str | None]:
+        samples = [(t or "")[:_LANG_SAMPLE_CHARS] for t in texts]
+        found = self.detector.detect_languages_in_parallel_of(samples)
+        return [lang.name if lang is not None else None for lang in found]
+
+
+class Heuristics(Step):
+    name: ClassVar[str] = "heuristics"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StepConfig]] = HeuristicsConfig
+    config: HeuristicsConfig
+
+    def __init__(self, config: HeuristicsConfig | None = None, **overrides):
+        super().__init__(config, **overrides)
+        self._language: _Language | None = None
+
+    def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
+        cfg = self.config
+        if df.height == 0:
+            return mark_drops(df, pl.Series("r", [], dtype=pl.Utf8))
+        convo = row_text(df, "conversation")
+        unusable = unusable_text_reason(df, convo)
+        instruction = df.select(instruction_expr(df)).to_series().fill_null("")
+        resp_expr = response_expr(df)
+        response = df.select(resp_expr).to_series().fill_null("") if resp_expr is not None else None
+        convo_list = convo.fill_null("").to_list()
+
+        scores = {
+            "heur_instruction_chars": instruction.str.len_chars(),
+            "heur_instruction_colon": instruction.str.strip_chars_end().str.ends_with(":"),
+        }
+        words_of = lambda s: s.str.extract_all(r"\S+").list.len()  # noqa: E731
+        scores["heur_instruction_words"] = words_of(instruction)
+        if response is not None:
+            scores["heur_response_chars"] = response.str.len_chars()
+            scores["heur_response_words"] = words_of(response)
+        leak = pl.Series([None] * df.height, dtype=pl.Utf8)
+        if cfg.template_tokens:
+            found = convo.fill_null("").str.extract_many(list(cfg.template_tokens), overlapping=False)
+            leak = found.list.first()
+        scores["heur_template_leak"] = leak
+        scores["heur_repeated_line_ratio"] = pl.Series([repeated_line_ratio(t) for t in convo_list], dtype=pl.Float64)
+        scores["heur_repeated_ngram_ratio"] = pl.Series(
+            [repeated_ngram_ratio(t, cfg.ngram) for t in convo_list], dtype=pl.Float64)
+        if cfg.languages:
+            if self._language is None:
+                self._language = _Language(cfg.languages, cfg.candidate_languages)
+            langs = self._language.detect(convo_list)
+            scores["heur_language"] = pl.Series(langs, dtype=pl.Utf8)
+
+        out = df.drop([c for c in scores if c in df.columns]).with_columns(
+            [s.alias(name) for name, s in scores.items()])
+        checks: list[tuple[pl.Expr, str]] = []
+
+        def bound(col: str, lo: int | None, hi: int | None, short: str, long: str) -> None:
+            if col not in out.columns:
+                return
+            if lo is not None:
+                checks.append((pl.col(col) < lo, short))
+            if hi is not None:
+                checks.append((pl.col(col) > hi, long))
+
+        bound("heur_instruction_chars", cfg.min_instruction_chars, cfg.max_instruction_chars,
+              "instruction_too_short", "instruction_too_long")
+        bound("heur_instruction_words", cfg.min_instruction_words, cfg.max_instruction_words,
+              "instruction_too_short", "instruction_too_long")
+        bound("heur_response_chars", cfg.min_response_chars, cfg.max_response_chars,
+              "response_too_short", "response_too_long")
+        bound("heur_response_words", cfg.min_response_words, cfg.max_response_words,
+              "response_too_short", "response_too_long")
+        if cfg.drop_colon_ending:
+            checks.append((pl.col("heur_instruction_colon"), "instruction_ends_with_colon"))
+        checks.append((pl.col("heur_template_leak").is_not_null(), "template_token_leak"))
+        if cfg.max_repeated_line_ratio is not None:
+            checks.append((pl.col("heur_repeated_line_ratio") > cfg.max_repeated_line_ratio, "repeated_lines"))
+        if cfg.max_repeated_ngram_ratio is not None:
+            checks.append((pl.col("heur_repeated_ngram_ratio") > cfg.max_repeated_ngram_ratio, "repeated_ngrams"))
+        if cfg.languages:
+            allowed = [lang.upper() for lang in cfg.languages]
+            long_enough = pl.lit(pl.Series([len(t.strip()) >= cfg.min_language_chars for t in convo_list]))
+            checks.append((long_enough & ~pl.col("heur_language").fill_null("UNKNOWN").is_in(allowed),
+                           "language_mismatch"))
+
+        reason = pl.lit(unusable)
+        expr = pl.when(reason.is_not_null()).then(reason)
+        for cond, why in checks:
+            expr = expr.when(cond.fill_null(False)).then(pl.lit(why))
+        reasons = out.select(expr.otherwise(pl.lit(None, dtype=pl.Utf8)).alias("r")).to_series()
+        self.stats = {"rows": df.height, "dropped": int(reasons.is_not_null().sum())}
+        return mark_drops(out, reasons)
+
+
+__all__ = ["Heuristics", "HeuristicsConfig", "TEMPLATE_TOKENS", "repeated_line_ratio", "repeated_ngram_ratio",
+           "EMPTY_TEXT", "INVALID_UTF8", "conversation_expr"]

@@ -1,0 +1,150 @@
+import random
+
+import numpy as np
+import polars as pl
+import pytest
+
+from filters.base import shard_decisions
+from filters.minhash import DUPLICATE, MinHashDedup, optimal_bands
+from schemas import SchemaError
+
+WORDS = [f"w{i}" for i in range(3000)]
+
+
+def corpus(n_orig=120, seed=0):
+    """Random docs plus near copies (1 substituted word in ~60) and exact copies."""
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choices(WORDS, k=60)) for _ in range(n_orig)]
+    pairs = []
+    for i in range(0, n_orig, 3):
+        words = docs[i].split()
+        words[rng.randrange(60)] = "edited"
+        docs.append(" ".join(words))
+        pairs.append((i, len(docs) - 1))
+    docs.append(docs[1])
+    pairs.append((1, len(docs) - 1))
+    ids = [f"id{rng.randrange(10**9):09d}" for _ in docs]
+    return pl.DataFrame({"id": ids, "instruction": docs}), pairs
+
+
+def exact_jaccard(a, b, n=3):
+    def sh(t):
+        w = t.lower().split()
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    sa, sb = sh(a), sh(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_band_split_leans_to_recall():
+    bands, rows = optimal_bands(0.8, 128)
+    assert bands * rows <= 128
+    p_at_threshold = 1 - (1 - 0.8**rows) ** bands
+    assert p_at_threshold > 0.9  # datasketch's symmetric choice (9x13) gives ~0.5 here
+    assert MinHashDedup(bands=9, rows=13).config.band_split() == (9, 13)
+    with pytest.raises(ValueError):
+        MinHashDedup(bands=20, rows=13)
+
+
+def test_finds_planted_duplicates_and_keeps_lowest_id():
+    df, pairs = corpus()
+    out = MinHashDedup().run(df)
+    ids, cluster = out["id"].to_list(), out["minhash_cluster"].to_list()
+    for a, b in pairs:
+        assert exact_jaccard(df["instruction"][a], df["instruction"][b]) >= 0.8
+        assert cluster[a] == cluster[b], (a, b)
+        assert cluster[a] == min(ids[a], ids[b])
+    dropped = out.filter(~pl.col("keep"))
+    assert dropped.height == len(pairs)
+    assert set(dropped["drop_reason"]) == {DUPLICATE}
+    # kept rows are exactly the cluster representatives
+    assert (out.filter(pl.col("keep"))["id"] == out.filter(pl.col("keep"))["minhash_cluster"]).all()
+
+
+def test_signatures_match_datasketch_estimates_in_spirit():
+    from datasketch import MinHash
+
+    a = " ".join(random.Random(1).choices(WORDS, k=200))
+    words = a.split()
+    b = " ".join(words[:150] + random.Random(2).choices(WORDS, k=50))
+    f = MinHashDedup(num_perm=256)
+    sig = f.signatures(pl.Series([a, b]))
+    ours = float((sig[0] == sig[1]).mean())
+    ds = []
+    for t in (a, b):
+        m = MinHash(num_perm=256, seed=1)
+        w = t.split()
+        for i in range(len(w) - 2):
+            m.update(" ".join(w[i:i + 3]).encode())
+        ds.append(m)
+    exact = exact_jaccard(a, b)
+    assert abs(ours - exact) < 0.1 and abs(ds[0].jaccard(ds[1]) - exact) < 0.1
+
+
+@pytest.mark.parametrize("n_shards", [1, 3, 7])
+def test_clusters_independent_of_sharding_and_order(n_shards):
+    df, _ = corpus()
+    reference = MinHashDedup().run(df).sort("id")
+    shuffled = df.sample(fraction=1.0, shuffle=True, seed=n_shards)
+    f = MinHashDedup()
+    shards = [shuffled[i::n_shards] for i in range(n_shards)]
+    scored = [f(s) for s in shards]
+    decisions = f.select(pl.concat(scored).lazy())
+    marked = [f.mark(s, d) for s, d in zip(scored, shard_decisions(decisions, [s.height for s in scored]))]
+    out = pl.concat(marked).sort("id")
+    assert out["minhash_cluster"].to_list() == reference["minhash_cluster"].to_list()
+    assert out["keep"].to_list() == reference["keep"].to_list()
+
+
+def test_new_threshold_reuses_signatures():
+    df, _ = corpus()
+    f = MinHashDedup(threshold=0.8)
+    scored = f(df)
+    loose = MinHashDedup(threshold=0.5, bands=32, rows=4)
+    assert loose.score_fingerprint("x") == f.score_fingerprint("x")  # same stored scores
+    d_loose = loose.select(scored.select("id", "minhash_signature"))
+    d_strict = f.select(scored.select("id", "minhash_signature"))
+    assert (d_loose["_reason"].is_not_null().sum()) >= (d_strict["_reason"].is_not_null().sum())
+    assert d_strict.equals(f.select(f(df)))
+
+
+def test_exact_duplicate_ids_keep_one_copy_across_shards():
+    df = pl.DataFrame({"id": ["same", "other"], "instruction": ["a b c d e f g", "totally unrelated text here"]})
+    both = pl.concat([df, df])
+    f = MinHashDedup()
+    scored = [f(df), f(df)]
+    dec = shard_decisions(f.select(pl.concat(scored)), [2, 2])
+    out = pl.concat([f.mark(s, d) for s, d in zip(scored, dec)])
+    assert out["keep"].to_list() == [True, True, False, False]
+    assert both.height == 4
+
+
+def test_bad_input_rows_and_empty_dataset():
+    df = pl.DataFrame({"id": ["a", "b", "c", "d"],
+                       "instruction": ["", None, "x " * 500_000, "short text ok"]})
+    out = MinHashDedup().run(df)
+    assert out["drop_reason"].to_list()[:2] == ["empty_text", "empty_text"]
+    assert out["keep"].to_list()[2:] == [True, True]
+    assert out["minhash_cluster"].to_list()[:2] == ["a", "b"]  # blanks do not cluster together
+    empty = MinHashDedup().run(pl.DataFrame({"id": [], "instruction": []}, schema={"id": pl.Utf8, "instruction": pl.Utf8}))
+    assert empty.height == 0 and "keep" in empty.columns
+    binary = pl.DataFrame({"id": ["a", "b"], "instruction": [b"\xff\xfe", b"fine words here"]},
+                          schema={"id": pl.Utf8, "instruction": pl.Binary})
+    assert MinHashDedup().run(binary)["drop_reason"].to_list() == ["invalid_utf8", None]
+
+
+def test_char_shingles_and_missing_ids():
+    df = pl.DataFrame({"id": ["a", "b", "c"], "instruction": ["Hello there, world!", "hello  there, world!", "bye"]})
+    out = MinHashDedup(shingle="char", ngram=4).run(df)
+    assert out["keep"].to_list() == [True, False, True]
+    with pytest.raises(SchemaError, match="id"):
+        MinHashDedup().select(pl.DataFrame({"minhash_signature": [[1] * 128]}))
+
+
+def test_conversation_view():
+    from schemas import MESSAGES
+    m1 = [{"role": "user", "content": "same question"}, {"role": "assistant", "content": "answer one is long and different"}]
+    m2 = [{"role": "user", "content": "same question"}, {"role": "assistant", "content": "a completely other reply text"}]
+    df = pl.DataFrame({"id": ["a", "b"], "messages": [m1, m2]}, schema={"id": pl.Utf8, "messages": MESSAGES})
+    assert MinHashDedup(on="instruction").run(df)["keep"].to_list() == [True, False]
+    assert MinHashDedup(on="conversation").run(df)["keep"].to_list() == [True, True]
+    assert np.array(MinHashDedup()(df)["minhash_signature"].to_list()).shape == (2, 128)

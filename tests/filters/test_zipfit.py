@@ -1,0 +1,119 @@
+import gzip
+import zlib
+
+import numpy as np
+import polars as pl
+import pytest
+from pydantic import ValidationError
+
+from filters.zipfit import NOT_SELECTED, ZipFit, compressed_size
+
+CODE = [
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\nprint(add(10, 20))\n",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i * i)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n        self.items.append(x)\n",
+]
+RECIPES = [
+    "Whisk two eggs with sugar until pale, fold in the flour gently and bake for twenty minutes at 180C.",
+    "Chop the onions finely, fry them in butter until golden, then pour in the stock and simmer slowly.",
+    "Rinse the rice twice, cover with water, bring to the boil and leave it covered for fifteen minutes.",
+]
+TARGET = (
+    "def mul(x, y):\n    return x * y\n\nprint(mul(4, 5))\n",
+    "import os\nfor name in os.listdir('.'):\n    if name.endswith('.py'):\n        print(name)\n",
+    "class Queue:\n    def __init__(self):\n        self.items = []\n    def pop(self):\n        return self.items.pop(0)\n",
+)
+
+
+def direct_alignment(x: str, targets, level=6, container="zlib"):
+    def c(b: bytes) -> int:
+        return len(gzip.compress(b, level)) if container == "gzip" else len(zlib.compress(b, level))
+    xb = x.encode()
+    cx = c(xb)
+    ncds = []
+    for y in targets:
+        yb = y.encode()
+        cy = c(yb)
+        ncds.append((c(xb + yb) - min(cx, cy)) / max(cx, cy))
+    return 1 - sum(ncds) / len(ncds)
+
+
+def frame(texts):
+    return pl.DataFrame({"id": [f"r{i}" for i in range(len(texts))], "instruction": texts})
+
+
+@pytest.mark.parametrize("compressor,level", [("zlib", 6), ("zlib", 1), ("gzip", 9)])
+def test_scores_equal_the_formula(compressor, level):
+    texts = CODE + RECIPES
+    out = ZipFit(target_texts=TARGET, compressor=compressor, level=level, workers=1)(frame(texts))
+    for text, score in zip(texts, out["zipfit_alignment"]):
+        assert score == pytest.approx(direct_alignment(text, TARGET, level, compressor), abs=1e-9)
+
+
+def test_pool_gives_the_same_scores_as_in_process():
+    texts = [c + f"\n# variant {i}\n" for i in range(40) for c in CODE[:1]] + RECIPES * 1
+    one = ZipFit(target_texts=TARGET * 300, workers=1)(frame(texts))["zipfit_alignment"]
+    pooled_filter = ZipFit(target_texts=TARGET * 300, workers=2, chunk_size=7)
+    pooled = pooled_filter(frame(texts))["zipfit_alignment"]
+    pooled_filter.close()
+    assert np.allclose(one.to_numpy(), pooled.to_numpy(), atol=1e-12)
+
+
+def test_ranking_is_content_not_length():
+    # Same-length texts of two domains: code must rank above recipes for a code target.
+    code = [c[:60] for c in CODE]
+    recipes = [r[:60] for r in RECIPES]
+    assert {len(t) for t in code + recipes} == {60}
+    out = ZipFit(target_texts=TARGET, top_k=3, workers=1).run(frame(code + recipes))
+    assert out["keep"].to_list() == [True] * 3 + [False] * 3
+    assert set(out.filter(~pl.col("keep"))["drop_reason"]) == {NOT_SELECTED}
+
+
+def test_token_budget_and_min_alignment():
+    texts = CODE + RECIPES
+    f = ZipFit(target_texts=TARGET, workers=1)
+    scored = f(frame(texts))
+    words = [len(t.split(" ")) for t in texts]
+    order = np.argsort(-scored["zipfit_alignment"].to_numpy(), kind="stable")
+    budget = words[order[0]] + words[order[1]]
+    g = ZipFit(target_texts=TARGET, workers=1, token_budget=budget)
+    kept = g.mark(scored, g.select(scored))["keep"].to_numpy()
+    assert set(np.flatnonzero(kept)) == {order[0], order[1]}
+    cut = float(np.sort(scored["zipfit_alignment"].to_numpy())[3])
+    h = ZipFit(target_texts=TARGET, workers=1, min_alignment=cut)
+    assert h.mark(scored, h.select(scored))["keep"].sum() == 3
+
+
+def test_level_zero_and_empty_target_are_clear_errors(tmp_path):
+    with pytest.raises(ValidationError, match="length"):
+        ZipFit(target_texts=TARGET, level=0)
+    with pytest.raises(ValidationError, match="empty"):
+        ZipFit(target_texts=())
+    with pytest.raises(ValidationError, match="exactly one target"):
+        ZipFit()
+    empty = tmp_path / "t.jsonl"
+    empty.write_text('{"text": ""}\n')
+    with pytest.raises(Exception, match="no non-empty texts"):
+        ZipFit(target=str(empty))(frame(CODE))
+
+
+def test_target_from_file_and_score_key_by_content(tmp_path):
+    path = tmp_path / "target.parquet"
+    pl.DataFrame({"text": list(TARGET)}).write_parquet(path)
+    from_file = ZipFit(target=str(path), workers=1)
+    inline = ZipFit(target_texts=TARGET, workers=1)
+    assert from_file.score_fingerprint("in") == inline.score_fingerprint("in")
+    assert from_file(frame(CODE))["zipfit_alignment"].equals(inline(frame(CODE))["zipfit_alignment"])
+
+
+def test_bad_rows_lz4_and_empty_dataset():
+    texts = ["", None, "x" * 1_000_000, CODE[0]]
+    out = ZipFit(target_texts=TARGET, compressor="lz4", workers=1, top_k=1).run(frame(texts))
+    assert out["drop_reason"].to_list()[:2] == ["empty_text", "empty_text"]
+    assert out["zipfit_alignment"].to_list()[:2] == [None, None]
+    assert out["keep"].to_list()[2:] == [False, True]
+    empty = pl.DataFrame({"id": [], "instruction": []}, schema={"id": pl.Utf8, "instruction": pl.Utf8})
+    assert ZipFit(target_texts=TARGET, workers=1).run(empty).height == 0
+    binary = pl.DataFrame({"id": ["a"], "instruction": [b"\xc3\x28"]}, schema={"id": pl.Utf8, "instruction": pl.Binary})
+    assert ZipFit(target_texts=TARGET, workers=1).run(binary)["drop_reason"].to_list() == ["invalid_utf8"]
+    assert compressed_size(b"", "lz4", 1) == 0
