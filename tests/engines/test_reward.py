@@ -169,4 +169,4 @@ def test_judge_on_the_embedded_model(engine):
     results = judge.score(prompts, ["The capital of France is Paris.", "Bananas are yellow and I like trains."])
     assert all(r.score is not None and 1.0 <= r.score <= 5.0 for r in results), results
     again = judge.score(prompts, ["The capital of France is Paris.", "Bananas are yellow and I like trains."])
-    assert [r.score for r in again] == pytest.approx([r.score for r in results], abs=1e-6)
+    assert [r.score for r in again] == pytest.approx([r.score for r in results], abs=1e-4)
