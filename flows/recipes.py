@@ -16,6 +16,8 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 # broken recipe from breaking the others).
 RECIPES: dict[str, tuple[Any, Any, Path]] = {
     "magpie-sft": ("flows.magpie_sft:magpie_sft", "flows.magpie_sft:MagpieSFTParams", RECIPE_DIR / "magpie_sft.yaml"),
+    "magpie-dpo": ("flows.magpie_dpo:magpie_dpo", "flows.magpie_dpo:MagpieDPOParams", RECIPE_DIR / "magpie_dpo.yaml"),
+    "curate": ("flows.curate:curate", "flows.curate:CurateParams", RECIPE_DIR / "curate.yaml"),
 }
 
 
