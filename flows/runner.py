@@ -53,8 +53,10 @@ class LazyEngine:
 
     def get(self):
         if self._engine is None:
-            from engines import get_engine
-
+            try:
+                from engines import get_engine
+            except ImportError:  # older engines package: no process cache, build one directly
+                from engines.vllm_engine import VLLMEngine as get_engine
             self._engine = get_engine(self.model, **self.options)
         return self._engine
 
