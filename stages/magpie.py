@@ -36,6 +36,9 @@ _QUERY_LABEL = re.compile(
 )
 
 
+_TEMPLATE_MARKER = re.compile(r"<\|[^|<>\s]+\|>|<｜[^｜<>]+｜>|</?[a-z_]+_of_turn>|\[/?INST\]")
+
+
 def sanitize_instruction(text: str) -> str:
     """Cut a leaked answer, then strip leading query labels (repeatedly: "Task: Question 1: ...")."""
     match = _LEAKED_ANSWER.search(text)
@@ -104,6 +107,10 @@ def template_tokens(tokenizer: Any) -> tuple[str, ...]:
     the template's own markers (end-of-turn stops, assistant header)."""
     found = set(getattr(tokenizer, "all_special_tokens", None) or [])
     found.update(s for s in _template_api().end_of_turn_stops(tokenizer) if isinstance(s, str))
+    # Markers the template itself writes ("<|im_start|>", "<start_of_turn>", "[INST]"), found by rendering.
+    sample = _template_api().render(tokenizer, [{"role": "user", "content": "a"},
+                                                {"role": "assistant", "content": "b"}], add_generation_prompt=False)
+    found.update(_TEMPLATE_MARKER.findall(sample))
     header = assistant_header(tokenizer)
     if header:
         found.add(header)
