@@ -27,9 +27,7 @@ def get_engine(model: str | None = None, **opts: Any):
         if engine is None or engine.closed:
             from engines.vllm_engine import VLLMEngine
 
-            engine = _ENGINES[key] = VLLMEngine(resolved, **opts)
-            if model is not None:
-                engine.model_id = model
+            engine = _ENGINES[key] = VLLMEngine(model, **opts)
         return engine
 
 

