@@ -35,13 +35,13 @@ class SemDedupConfig(StepConfig):
     # 0.95 on MiniLM cosine: paraphrases with the same content; 0.9 also removes rewordings.
     threshold: float = Field(0.95, gt=-1.0, le=1.0)
     order_by: str | None = None  # keep the highest value of this column first (e.g. a quality score)
-    block_size: int = Field(4096, ge=1)
-    kept_slice: int = Field(65536, ge=1)
+    block_size: int = Field(2048, ge=1)
+    kept_slice: int = Field(16384, ge=1)  # block x slice float32 = 128 MiB at most
     batch_size: int = Field(64, ge=1)
 
 
-def greedy_dedup(emb: np.ndarray, threshold: float, block_size: int = 4096,
-                 kept_slice: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def greedy_dedup(emb: np.ndarray, threshold: float, block_size: int = 2048,
+                 kept_slice: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy exact dedup of unit vectors in the given order.
 
     Returns (keep mask, max similarity to an earlier kept row (-inf if none), index of that row (-1))."""
@@ -62,21 +62,21 @@ def greedy_dedup(emb: np.ndarray, threshold: float, block_size: int = 4096,
             better = val > best[lo:lo + m]
             best[lo:lo + m][better] = val[better]
             best_of[lo:lo + m][better] = kept_idx[s + arg[better]]
-        # Within the block: row i sees only rows j < i of this block that were kept.
+        # Within the block: row i sees only rows j < i of this block that were kept. Rows with no
+        # earlier in-block row above the threshold are decided at once; only the rest go in order.
         inner = block @ block.T
-        block_keep = np.zeros(m, dtype=bool)
-        for i in range(m):
-            if best[lo + i] >= threshold:
-                continue
-            if i:
-                prev = np.flatnonzero(block_keep[:i])
-                if len(prev):
-                    j = prev[inner[i, prev].argmax()]
-                    if inner[i, j] > best[lo + i]:
-                        best[lo + i], best_of[lo + i] = inner[i, j], lo + j
-                    if inner[i, j] >= threshold:
-                        continue
-            block_keep[i] = True
+        earlier = np.tri(m, m, -1, dtype=bool)
+        block_keep = best[lo:lo + m] < threshold
+        close = (inner >= threshold) & earlier
+        for i in np.flatnonzero(close.any(axis=1) & block_keep):
+            if (close[i, :i] & block_keep[:i]).any():
+                block_keep[i] = False
+        seen = np.where(earlier & block_keep[None, :], inner, -np.inf)
+        arg = seen.argmax(axis=1)
+        val = seen[np.arange(m), arg]
+        better = val > best[lo:lo + m]
+        best[lo:lo + m][better] = val[better]
+        best_of[lo:lo + m][better] = lo + arg[better]
         keep[lo:lo + m] = block_keep
         kept_vecs = np.concatenate([kept_vecs, block[block_keep]])
         kept_idx = np.concatenate([kept_idx, lo + np.flatnonzero(block_keep)])
