@@ -53,15 +53,18 @@ def build_steps(params: MagpieSFTParams, engine: Any) -> tuple[MagpieInstruction
 
 
 @flow(name="magpie-sft", log_prints=False)
-def magpie_sft(params: MagpieSFTParams | dict | None = None) -> dict:
-    """Synthesise `n` Magpie conversations and publish them as a TRL SFT dataset (`messages`)."""
+def magpie_sft(params: MagpieSFTParams | dict | None = None, engine: Any = None) -> dict:
+    """Synthesise `n` Magpie conversations and publish them as a TRL SFT dataset (`messages`).
+
+    `engine`: an engines.base.Engine to use instead of starting vLLM on `params.model` (tests)."""
     import polars as pl
 
     import storage
 
     params = params if isinstance(params, MagpieSFTParams) else MagpieSFTParams(**(params or {}))
     run = params.out.rstrip("/")
-    engine = LazyEngine(params.model)
+    owned = engine is None
+    engine = LazyEngine(params.model) if owned else engine
     try:
         tokenizer = engine.tokenizer
         leak_tokens = template_tokens(tokenizer)  # also fails fast on a model without chat template
@@ -74,7 +77,8 @@ def magpie_sft(params: MagpieSFTParams | dict | None = None) -> dict:
         final = global_task("dedup_instructions", select_first_of_duplicates, checked, run,
                             config={"column": "instruction", "keep": "lowest id"}, desc="exact dedup")
     finally:
-        engine.shutdown()
+        if owned:
+            engine.shutdown()
 
     stages = {"instructions": instr_ds, "responses": resp_ds, "checks": checked, "dedup": final}
     drops: dict[str, int] = {}

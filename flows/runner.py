@@ -313,8 +313,15 @@ def _result_storage(run_url: str):
         return None  # remote run folder: Prefect's default result storage
     from prefect.filesystems import LocalFileSystem
 
-    path = os.path.abspath(run_url.removeprefix("file://"))
-    return LocalFileSystem(basepath=os.path.join(path, ".prefect"))
+    path = os.path.join(os.path.abspath(run_url.removeprefix("file://")), ".prefect")
+    # Prefect 3 wants result storage saved server-side: one block per run folder, named by its path.
+    name = f"alignforge-run-{stable_hash(path, length=12)}"
+    try:
+        LocalFileSystem(basepath=path).save(name, overwrite=True)
+    except Exception as exc:  # the run still works, its task results then live in Prefect's default storage
+        _say(f"[prefect] could not register result storage at {path} ({type(exc).__name__}); using the default")
+        return None
+    return f"local-file-system/{name}"
 
 
 def _step_cache_key(context, parameters: dict) -> str | None:
