@@ -12,6 +12,9 @@ teaches nothing); raise it to keep only clear preferences. Drop reasons:
   "too_few_candidates"  fewer than `min_candidates` (default 2) scored candidates,
   "low_margin"          score_chosen - score_rejected <= margin.
 
+Ids: one per prompt group, hash of the parent id, the SAME in the preference and candidates
+tables, so a split by id (storage.publish test_size) holds out the same prompts in both.
+
 Candidates table: one row per parent with >= `min_candidates` scored candidates (margin is not
 applied: listwise trainers use the full ranking), `candidates` = every scored candidate as
 {content, score, index} in index order.
@@ -99,7 +102,7 @@ def build_preferences(candidates_df: pl.DataFrame, *, margin: float = 0.0, min_c
             drop_rows.append(_dropped(parent, prompt, len(scored), None, TOO_FEW))
             continue
         cand_rows.append({
-            "id": row_id(CANDIDATES_ORIGIN, parent, [(i, s, t) for i, s, t in scored]),
+            "id": group_id(parent),
             "parent_id": parent, "origin": CANDIDATES_ORIGIN, "prompt": prompt,
             "candidates": [{"content": t, "score": s, "index": i} for i, s, t in scored],
         })
@@ -110,7 +113,7 @@ def build_preferences(candidates_df: pl.DataFrame, *, margin: float = 0.0, min_c
             drop_rows.append(_dropped(parent, prompt, len(scored), gap, LOW_MARGIN))
             continue
         pref_rows.append({
-            "id": row_id(ORIGIN, parent, best[2], worst[2]),
+            "id": group_id(parent),
             "parent_id": parent, "origin": ORIGIN, "prompt": prompt,
             "chosen": [{"role": "assistant", "content": best[2]}],
             "rejected": [{"role": "assistant", "content": worst[2]}],
@@ -124,6 +127,11 @@ def build_preferences(candidates_df: pl.DataFrame, *, margin: float = 0.0, min_c
                            pl.DataFrame(drop_rows, schema=REJECTED_COLUMNS))
 
 
+def group_id(parent: str) -> str:
+    """Id of a prompt group's rows (pair, candidates list, drop record): same in every table."""
+    return row_id(ORIGIN, parent)
+
+
 def _dropped(parent: str, prompt: list, n_scored: int, gap: float | None, reason: str) -> dict[str, Any]:
-    return {"id": row_id(ORIGIN, parent, "dropped"), "parent_id": parent, "origin": ORIGIN, "prompt": prompt,
+    return {"id": group_id(parent), "parent_id": parent, "origin": ORIGIN, "prompt": prompt,
             "n_scored": n_scored, "margin": gap, "keep": False, "drop_reason": reason}

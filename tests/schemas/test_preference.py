@@ -35,6 +35,8 @@ def test_chosen_is_max_rejected_is_min_with_trl_columns():
     schemas.validate(cands, kind="candidates", dataset="cands")
     assert [c["index"] for c in cands["candidates"][0]] == [0, 1, 2]
     assert [c["score"] for c in cands["candidates"][0]] == [0.5, 2.0, -1.0]
+    # One id per prompt group, shared by both tables: a split by id holds out the same prompts.
+    assert cands["id"].to_list() == prefs["id"].to_list()
 
 
 def test_ties_resolve_to_first_index_whatever_the_row_order():

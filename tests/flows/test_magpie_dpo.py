@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.magpie_dpo import MagpieDPOParams
+
+
+def test_recipe_defaults_and_nested_reward_overrides():
+    from flows.cli import build_params
+    from flows.recipes import recipe
+
+    flow_fn, params_model, default_yaml = recipe("magpie-dpo")
+    assert params_model is MagpieDPOParams and default_yaml.exists()
+    params = build_params("magpie-dpo", params_model, default_yaml, None,
+                          ["n=200", "samples=5", "reward.model=Skywork/Skywork-Reward-V2-Llama-3.1-8B"], None)
+    assert params.samples == 5 and params.temperature == 0.8 and params.top_p == 1.0
+    assert params.test_size == 0.02 and params.margin == 0.0
+    assert params.reward.model == "Skywork/Skywork-Reward-V2-Llama-3.1-8B" and params.reward.template == "chat"
+    # The YAML documents exactly the model's defaults.
+    assert build_params("magpie-dpo", params_model, default_yaml, None, [], None) == MagpieDPOParams()
+
+
+def stage_dirs(run: Path, name: str) -> list[str]:
+    return sorted(p.name for p in (run / "stages").iterdir() if p.name.startswith(name))
+
+
+@pytest.mark.engine
+def test_magpie_dpo_end_to_end_judge_then_reward_model(engine, tmp_path, monkeypatch):
+    from datasets import load_dataset
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    from engines.reward import build_random_reward_model
+    from flows.magpie_dpo import magpie_dpo
+
+    monkeypatch.setenv("ALIGNFORGE_QUIET", "1")
+    run = tmp_path / "run"
+    base = dict(n=6, samples=3, shard_size=3, max_tokens_instruction=48, max_tokens_response=48,
+                drop_truncated=False, out=str(run))
+    result = magpie_dpo(base, engine=engine)
+    assert result["dataset"] == f"{run}/publish", result
+    groups = result["candidate_groups"]
+    assert result["rows_kept"] >= 1 and groups >= result["rows_kept"]
+    # Every instruction that got candidates is either a pair or a counted pair drop.
+    pair_drops = sum(v for k, v in result["dropped"].items() if k.startswith("pair:"))
+    instructions = pl.read_parquet(run / "stages" / stage_dirs(run, "dedup_instructions")[0] / "part-*.parquet")
+    assert result["rows_kept"] + pair_drops == instructions.height
+
+    prefs = load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]
+    assert {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"} <= set(prefs.column_names)
+    for row in prefs:
+        assert is_conversational(row)
+        assert row["score_chosen"] > row["score_rejected"]
+        assert 1.0 <= row["score_rejected"] and row["score_chosen"] <= 5.0  # judge: expected 1..5 rating
+        rendered = maybe_apply_chat_template({k: row[k] for k in ("prompt", "chosen", "rejected")},
+                                             engine.tokenizer)
+        assert rendered["chosen"].startswith(row["chosen"][0]["content"])
+    cands = load_dataset("parquet", data_dir=f"{run}/publish/candidates")["train"]
+    assert len(cands) == groups
+    for row in cands:
+        assert 2 <= len(row["candidates"]) <= 3
+        assert [c["index"] for c in row["candidates"]] == sorted(c["index"] for c in row["candidates"])
+    assert "magpie-dpo" in (run / "publish" / "README.md").read_text()
+
+    # Same params again: every stage resumes from its committed output, same pairs.
+    again = magpie_dpo(base, engine=engine)
+    assert again["rows_kept"] == result["rows_kept"]
+    assert load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]["id"] == prefs["id"]
+
+    # Swap in a reward model: generation is reused (same stage folders), only labelling reruns.
+    candidates_before = stage_dirs(run, "best_of_n")
+    folder = build_random_reward_model(tmp_path / "rm", max_length=512)
+    with_rm = magpie_dpo({**base, "reward": {"model": str(folder), "backend": "transformers"}}, engine=engine)
+    assert stage_dirs(run, "best_of_n") == candidates_before
+    assert len(stage_dirs(run, "reward_label")) == 2
+    scores = load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]
+    assert with_rm["rows_kept"] >= 1
+    assert any(s < 1.0 or s > 5.0 for s in scores["score_chosen"] + scores["score_rejected"])  # raw logits now
+
+    # An unusable reward model (no chat template): counted drops and a clear report, no crash.
+    bad = build_random_reward_model(tmp_path / "rm-no-template", max_length=512, chat_template=False)
+    failed = magpie_dpo({**base, "reward": {"model": str(bad), "backend": "transformers"}}, engine=engine)
+    assert failed["dataset"] is None and failed["rows_kept"] == 0
+    assert failed["dropped"]["reward_no_chat_template"] >= 2
+    assert "template='plain'" in failed["reward_errors"][0]
