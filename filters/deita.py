@@ -19,7 +19,8 @@ The official code returns 3.0 whenever a score token is missing from the returne
 then see all-3.0 outputs). Here a missing token gives a null score, a per-row count in
 `deita_missing_tokens` and `rows_missing_tokens` in the step stats. When the engine offers
 `token_logprobs(prompts, token_ids)` (vLLM `SamplingParams(logprob_token_ids=...)`: exactly the
-requested ids, whatever their rank) absence is impossible; otherwise we ask for the top-k.
+requested ids, whatever their rank) or the protocol's `next_token_logprobs` (VLLMEngine implements
+it with `logprob_token_ids`) absence is impossible; otherwise we ask for the top-k.
 
 Diversity (`deita_select`): sort by evol score desc (ties: id asc), greedily keep a row unless its
 cosine similarity to an already kept row exceeds the threshold, stop at the budget. Memory is
@@ -37,6 +38,7 @@ import polars as pl
 from pydantic import Field
 
 from engines.base import Sampling
+from filters.base import GlobalFilter
 from stages.base import Step, StepConfig
 
 # Released scorer input formats (hkust-nlp/deita-complexity-scorer, -quality-scorer), verbatim.
@@ -98,18 +100,27 @@ def expected_score(logprobs: Sequence[float | None]) -> float | None:
 
 
 def read_first_token_logprobs(engine: Any, prompts: Sequence[str], token_ids: Sequence[int], *,
-                              top_logprobs: int = 20, desc: str | None = None) -> tuple[list[list[float | None]], bool]:
+                              top_logprobs: int = 20, desc: str | None = None) -> tuple[list[list[float | None]], str]:
     """Log-probabilities of `token_ids` at the first generated position of each prompt, in ONE call.
 
-    Returns (rows, exact). exact=True: the engine returned every requested id (vLLM
-    `logprob_token_ids`), so nothing can be missing. Otherwise top-k logprobs (a score token
-    outside the top-k comes back as None)."""
+    Returns (rows, source). The source is the first of:
+    - "token_logprobs": the engine returns the requested ids themselves (vLLM `logprob_token_ids`);
+    - "next_token_logprobs": the Engine protocol's candidate-string method, used only when every
+      id round-trips as a one-token string (decode -> encode gives the same single id), so the
+      engine's string -> id mapping can't pick another token (Llama's "1" encodes as "▁","1");
+    - "top_k": `complete(max_tokens=1, logprobs=top_logprobs)`; an id outside the top-k is None.
+    A None is a missing score token: callers flag it, never guess."""
     if not prompts:
-        return [], True
-    exact_reader = getattr(engine, "token_logprobs", None)
-    if callable(exact_reader):
-        got = exact_reader(list(prompts), list(token_ids))
-        return [[row.get(t) for t in token_ids] for row in got], True
+        return [], "none"
+    by_id = getattr(engine, "token_logprobs", None)
+    if callable(by_id):
+        got = by_id(list(prompts), list(token_ids))
+        return [[_as_float(row.get(t)) for t in token_ids] for row in got], "token_logprobs"
+    by_text = getattr(engine, "next_token_logprobs", None)
+    texts = _round_trip_texts(engine.tokenizer, token_ids)
+    if callable(by_text) and texts is not None:
+        got = by_text(list(prompts), texts)
+        return [[_as_float(row.get(t)) for t in texts] for row in got], "next_token_logprobs"
     results = engine.complete(list(prompts), Sampling(temperature=0.0, max_tokens=1, logprobs=top_logprobs),
                               desc=desc)
     rows: list[list[float | None]] = []
@@ -117,13 +128,21 @@ def read_first_token_logprobs(engine: Any, prompts: Sequence[str], token_ids: Se
         completion = result.completions[0]
         first = completion.logprobs[0] if completion.logprobs else {}
         rows.append([_as_float(first.get(t)) for t in token_ids])
-    return rows, False
+    return rows, "top_k"
+
+
+def _round_trip_texts(tokenizer: Any, token_ids: Sequence[int]) -> list[str] | None:
+    texts = [tokenizer.decode([t]) for t in token_ids]
+    if all(tokenizer.encode(x, add_special_tokens=False) == [t] for x, t in zip(texts, token_ids)):
+        return texts
+    return None
 
 
 def _as_float(value: Any) -> float | None:
     if value is None:
         return None
-    return float(getattr(value, "logprob", value))  # vLLM Logprob objects or plain floats
+    value = float(getattr(value, "logprob", value))  # vLLM Logprob objects or plain floats
+    return None if math.isnan(value) else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +286,7 @@ class _DeitaScorer(Step):
                 truncated += cut
                 prompts.append(self._format(instruction, response))
                 owner.append(row)
-        logprobs, exact = read_first_token_logprobs(engine, prompts, token_ids,
+        logprobs, source = read_first_token_logprobs(engine, prompts, token_ids,
                                                     top_logprobs=self.config.top_logprobs,
                                                     desc=f"deita {self.kind}")
         per_turn: list[list[float | None]] = [[] for _ in range(df.height)]
@@ -293,7 +312,7 @@ class _DeitaScorer(Step):
             "rows_missing_tokens": int(sum(m > 0 for m in missing)),
             "missing_tokens": int(sum(missing)),
             "truncated_prompts": int(truncated),
-            "exact_logprobs": exact,
+            "logprob_source": source,
             "seconds": round(time.perf_counter() - started, 3),
         }
         return out
@@ -521,8 +540,99 @@ def lm_embeddings(texts: Sequence[str], model: str | None = None, *, pooling: st
     return np.concatenate(chunks) if chunks else np.zeros((0, net.config.hidden_size), dtype=np.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# The whole Deita filter as a GlobalFilter (score per shard -> select over all -> mark per shard)
+# ---------------------------------------------------------------------------------------------
+
+EMBEDDING = "deita_embedding"
+
+
+class DeitaFilterConfig(StepConfig):
+    scorer: str | None = None  # None = embedded model; hkust-nlp/deita-*-scorer when available
+    complexity_template: str = COMPLEXITY_TEMPLATE
+    quality_template: str = QUALITY_TEMPLATE
+    top_logprobs: int = Field(20, ge=6)
+    max_prompt_tokens: int = Field(2000, ge=64)
+    aggregate: str = Field("mean", pattern="^(mean|first)$")
+    # "sentence": all-MiniLM-L6-v2 (engines.embedder); "lm": the scorer's last hidden state
+    # (official Deita, transformers on CPU; slower). Both are cosine-compared after L2 norm.
+    embedder: str = Field("sentence", pattern="^(sentence|lm)$")
+    budget: int | None = Field(None, ge=0, description="rows to keep (paper: 6K / 10K); None = no cap")
+    threshold: float = Field(0.9, gt=-1.0, le=1.0, description="reject when cosine similarity > threshold")
+    block_size: int = Field(256, ge=1)
+
+
+class DeitaFilter(GlobalFilter):
+    """Deita end to end: complexity + quality + embedding per shard; score-first diverse selection."""
+
+    name: ClassVar[str] = "deita"
+    version: ClassVar[int] = 1
+    Config: ClassVar[type[StepConfig]] = DeitaFilterConfig
+    score_fields: ClassVar[tuple[str, ...]] = ("scorer", "complexity_template", "quality_template", "top_logprobs",
+                                               "max_prompt_tokens", "aggregate", "embedder")
+    score_columns: ClassVar[tuple[str, ...]] = ("deita_evol_score", EMBEDDING)
+
+    def __init__(self, config: StepConfig | None = None, *, engine: Any = None, **overrides: Any):
+        super().__init__(config, **overrides)
+        self._engine = engine
+
+    def _scorers(self) -> tuple[DeitaComplexity, DeitaQuality]:
+        c = self.config
+        common = dict(scorer=c.scorer, top_logprobs=c.top_logprobs, max_prompt_tokens=c.max_prompt_tokens,
+                      aggregate=c.aggregate)
+        complexity = DeitaComplexity(engine=self._engine, template=c.complexity_template, **common)
+        if self._engine is None:
+            self._engine = complexity.engine
+            complexity._engine = self._engine
+        return complexity, DeitaQuality(engine=self._engine, template=c.quality_template, **common)
+
+    def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
+        complexity, quality = self._scorers()
+        out = quality(complexity(df))
+        texts = [conversation_text(t) for t in conversation_turns(df, need_response=False)]
+        started = time.perf_counter()
+        if self.config.embedder == "lm":
+            vectors = lm_embeddings(texts, self.config.scorer)
+        else:
+            from engines.embedder import get_embedder
+
+            vectors = get_embedder().embed(texts)
+        out = out.with_columns(pl.Series(EMBEDDING, _normalise(vectors).tolist(), dtype=pl.List(pl.Float32)))
+        self.stats = {
+            "rows": df.height,
+            "rows_missing_tokens": int((out["deita_missing_tokens"] > 0).sum()),
+            "complexity": complexity.stats,
+            "quality": quality.stats,
+            "embed_seconds": round(time.perf_counter() - started, 3),
+        }
+        return out
+
+    def select(self, scores: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+        """Decisions in input order: id, deita_max_sim, deita_rank, _reason (null = kept)."""
+        table = scores.collect() if isinstance(scores, pl.LazyFrame) else scores
+        for col in ("id", *self.score_columns):
+            if col not in table.columns:
+                raise DeitaError(f"deita.select needs column {col!r} (columns: {table.columns}). "
+                                 "Fix: run the deita score phase (DeitaFilter.__call__) on every shard first")
+        table = table.select("id", *self.score_columns).with_columns(pl.col("id").cast(pl.Utf8))
+        has = table[EMBEDDING].is_not_null().to_numpy()
+        dim = next((len(v) for v in table[EMBEDDING].to_list() if v is not None), 1)
+        vectors = np.zeros((table.height, dim), dtype=np.float32)
+        if has.any():
+            vectors[has] = np.asarray(table[EMBEDDING].filter(pl.Series(has)).to_list(), dtype=np.float32)
+        vectors[~has, 0] = 1.0  # unembedded rows can't be scored either (evol score null -> unscored)
+        scores_only = table.with_columns(
+            pl.when(pl.Series(has)).then(pl.col("deita_evol_score")).otherwise(None).alias("deita_evol_score"))
+        c = self.config
+        decisions = deita_select(scores_only, c.budget, c.threshold, embeddings=vectors, block_size=c.block_size)
+        self.stats = {"rows": table.height, "kept": int(decisions["keep"].sum()),
+                      **{str(r): int(n) for r, n in decisions["drop_reason"].drop_nulls().value_counts().iter_rows()}}
+        return decisions.select("id", "deita_max_sim", "deita_rank", pl.col("drop_reason").alias("_reason"))
+
+
 __all__ = [
     "COMPLEXITY_TEMPLATE", "QUALITY_TEMPLATE", "SCORE_TOKENS", "DeitaComplexity", "DeitaQuality", "DeitaError",
+    "DeitaFilter", "DeitaFilterConfig",
     "conversation_turns", "deita_select", "evol_score", "expected_score", "greedy_diverse", "lm_embeddings",
     "read_first_token_logprobs", "score_token_ids", "with_evol_score",
 ]

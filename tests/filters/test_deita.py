@@ -20,6 +20,7 @@ from filters.deita import (
     QUALITY_TEMPLATE,
     DeitaComplexity,
     DeitaError,
+    DeitaFilter,
     DeitaQuality,
     deita_select,
     expected_score,
@@ -99,7 +100,7 @@ def test_missing_score_token_is_flagged_not_three():
     assert out["deita_complexity"][0] == pytest.approx(reference_score([-1.0, -2.0, -3.0, -1.5, -2.5, -2.2]))
     assert 3.0 not in out["deita_complexity"].drop_nulls().to_list()
     assert step.stats["rows_missing_tokens"] == 1 and step.stats["missing_tokens"] == 1
-    assert step.stats["exact_logprobs"] is False
+    assert step.stats["logprob_source"] == "top_k"
     # annotate, never delete
     assert out.height == 3 and out["keep"].to_list() == [True, True, True]
 
@@ -155,17 +156,39 @@ def test_multi_turn_scores_and_evol_score():
     assert first["deita_complexity"][0] == pytest.approx(score("u1"))
 
 
-def test_exact_reader_is_used_when_the_engine_offers_it():
-    class ExactEngine(ScoreScriptEngine):
+def test_exact_readers_are_preferred_when_the_engine_offers_them():
+    expected = reference_score([-1.0 - 0.1 * k for k in range(6)])
+
+    class ByIdEngine(ScoreScriptEngine):
         def token_logprobs(self, prompts, token_ids):
             self.calls.append(list(prompts))
             return [{t: -1.0 - 0.1 * k for k, t in enumerate(token_ids)} for _ in prompts]
 
-    engine = ExactEngine(lambda p: {})
+    class ByTextEngine(ScoreScriptEngine):
+        def next_token_logprobs(self, prompts, candidates):
+            self.calls.append(list(prompts))
+            return [{c: -1.0 - 0.1 * k for k, c in enumerate(candidates)} for _ in prompts]
+
+    df = pl.DataFrame({"id": ["a"], "instruction": ["q"]})
+    for engine_type, source in ((ByIdEngine, "token_logprobs"), (ByTextEngine, "next_token_logprobs")):
+        engine = engine_type(lambda p: {})  # top-k path would find nothing
+        step = DeitaComplexity(engine=engine)
+        out = step(df)
+        assert step.stats["logprob_source"] == source and out["deita_missing_tokens"][0] == 0
+        assert out["deita_complexity"][0] == pytest.approx(expected)
+
+    class SentencePieceLike(CharTokenizer):
+        """Encodes "1" as a prefix-space piece + "1" (Llama): the text method could pick the wrong id."""
+
+        def encode(self, text, add_special_tokens=True):
+            return [0x2581, *super().encode(text)] if text.isdigit() else super().encode(text)
+
+    engine = ByTextEngine(lambda p: digits(-1.0, -1.1, -1.2, -1.3, -1.4, -1.5))
+    engine.tokenizer = SentencePieceLike()
     step = DeitaComplexity(engine=engine)
-    out = step(pl.DataFrame({"id": ["a"], "instruction": ["q"]}))
-    assert step.stats["exact_logprobs"] is True and out["deita_missing_tokens"][0] == 0
-    assert out["deita_complexity"][0] == pytest.approx(reference_score([-1.0 - 0.1 * k for k in range(6)]))
+    out = step(df)
+    assert step.stats["logprob_source"] == "top_k"
+    assert out["deita_complexity"][0] == pytest.approx(expected)
 
 
 def test_long_prompts_are_cut_inside_the_user_text_not_the_template_tail():
@@ -301,6 +324,17 @@ def transformers_scores(model_dir, prompts):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = score_token_ids(tokenizer)
     out, token_lists = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the engine's CPU worker spins on the cores: oversubscription is 10x slower
+    try:
+        return _forward_scores(model, tokenizer, ids, prompts, out, token_lists)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _forward_scores(model, tokenizer, ids, prompts, out, token_lists):
+    import torch
+
     with torch.no_grad():
         for p in prompts:
             enc = tokenizer.encode(p, return_tensors="pt")  # default special tokens, as the official scorer
@@ -334,3 +368,36 @@ def test_scores_match_a_transformers_forward_pass(engine):
     assert max(ref_c) - min(ref_c) > 1e-3
     evol = out["deita_evol_score"].to_list()
     assert evol == pytest.approx([c * q for c, q in zip(ref_c, ref_q)], abs=1e-3)
+
+
+def test_deita_filter_scores_selects_and_marks_across_shards(monkeypatch):
+    """GlobalFilter contract: score each shard, select over all, mark each shard's slice."""
+    from filters.base import shard_decisions
+
+    def script(prompt):  # longer instructions look more complex; every response scores alike
+        if "##Complexity" in prompt:
+            n = len(prompt.split("##Query: ")[1])
+            return digits(-2.0, -2.0, -2.0, -2.0, -2.0, -4.0 + n / 10)
+        return digits(0, 0, 0, 0, 0, 0)
+
+    engine = ScoreScriptEngine(script)
+    filt = DeitaFilter(engine=engine, budget=2)
+    embed = {"alpha": [1.0, 0.0], "alpha!": [1.0, 0.05], "beta": [0.0, 1.0], "gamma": [0.7, -0.7]}
+    import engines.embedder as embedder_module
+
+    class FakeEmbedder:
+        def embed(self, texts):
+            return np.array([embed[t.split("\n")[0]] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(embedder_module, "get_embedder", lambda *a, **k: FakeEmbedder())
+    shards = [pl.DataFrame({"id": ["a", "b"], "instruction": ["alpha!", "beta"], "response": ["x", "y"]}),
+              pl.DataFrame({"id": ["c", "d"], "instruction": ["alpha", "gamma"], "response": ["z", "w"]})]
+    scored = [filt(s) for s in shards]
+    assert len(engine.calls) == 4  # one complexity + one quality call per shard
+    decisions = filt.select(pl.concat([s.select("id", *filt.score_columns) for s in scored]))
+    marked = pl.concat([filt.mark(s, d) for s, d in zip(scored, shard_decisions(decisions, [2, 2]))])
+    # evol order: alpha! (a) > alpha (c) = gamma (d), tie by id > beta (b). c is a near-copy of a
+    # (cos 0.999 > 0.9); d is kept; the budget of 2 is then full, so b is over budget.
+    reasons = dict(zip(marked["id"], marked["drop_reason"]))
+    assert reasons == {"a": None, "d": None, "c": DROP_REDUNDANT, "b": DROP_OVER_BUDGET}
+    assert marked["keep"].sum() == 2 and "deita_max_sim" in marked.columns
