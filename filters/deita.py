@@ -237,6 +237,10 @@ class _DeitaScorer(Step):
             self._engine = get_engine(self.config.scorer)
         return self._engine
 
+    @engine.setter
+    def engine(self, engine: Any) -> None:  # flows.runner.run_step(engine=...) hands one in
+        self._engine = engine
+
     def fingerprint(self, *input_fingerprints: str, engine_id: str | None = None) -> str:
         if engine_id is None and self._engine is not None:
             engine_id = getattr(self._engine, "model_id", None)

@@ -30,6 +30,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from filters.base import GlobalFilter, shard_decisions
+from filters.deita import DeitaFilter, DeitaFilterConfig
 from filters.heuristics import Heuristics, HeuristicsConfig
 from filters.minhash import MinHashConfig, MinHashDedup
 from filters.semdedup import SemDedup, SemDedupConfig
@@ -38,7 +39,7 @@ from schemas import stable_hash
 from stages.base import Step
 
 # Score columns too heavy or internal to publish (they stay in the score stages for re-runs).
-HEAVY_COLUMNS = ("minhash_signature", "semdedup_embedding")
+HEAVY_COLUMNS = ("minhash_signature", "semdedup_embedding", "deita_embedding")
 
 
 class _Section(BaseModel):
@@ -88,6 +89,14 @@ class ZipFitParams(_Section):
         return config_type(**values)
 
 
+class DeitaParams(DeitaFilterConfig):
+    """Deita complexity x quality + diversity; needs the scorer LLM (vLLM), so off by default."""
+    enabled: bool = False
+
+    def filter_config(self, config_type: type = DeitaFilterConfig) -> Any:
+        return config_type(**self.model_dump(exclude={"enabled"}))
+
+
 class CurateParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -99,6 +108,7 @@ class CurateParams(BaseModel):
     minhash: MinHashParams = MinHashParams()
     semdedup: SemDedupParams = SemDedupParams()
     zipfit: ZipFitParams = ZipFitParams()
+    deita: DeitaParams = DeitaParams()
     test_size: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 0
     out: str = Field("runs/curate", description="run folder; the result is published to <out>/publish")
@@ -115,6 +125,7 @@ FILTERS: list[FilterSpec] = [
     FilterSpec("minhash", lambda p: MinHashDedup(p.filter_config()), "minhash near-dedup"),
     FilterSpec("semdedup", lambda p: SemDedup(p.filter_config()), "semantic dedup"),
     FilterSpec("zipfit", lambda p: ZipFit(p.filter_config()), "zip-fit selection"),
+    FilterSpec("deita", lambda p: DeitaFilter(p.filter_config()), "deita score-first diverse selection"),
 ]
 
 
