@@ -29,6 +29,7 @@ O(block * budget), never N x N.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Callable, ClassVar, Sequence
@@ -518,16 +519,10 @@ def lm_embeddings(texts: Sequence[str], model: str | None = None, *, pooling: st
     if pooling not in ("last", "mean"):
         raise DeitaError(f"lm_embeddings: pooling must be 'last' or 'mean', got {pooling!r}")
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
     from engines.embedded import resolve_model
 
-    path = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    net = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer, net = _hidden_state_model(resolve_model(model))
     chunks = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
@@ -632,6 +627,18 @@ class DeitaFilter(GlobalFilter):
         self.stats = {"rows": table.height, "kept": int(decisions["keep"].sum()),
                       **{str(r): int(n) for r, n in decisions["drop_reason"].drop_nulls().value_counts().iter_rows()}}
         return decisions.select("id", "deita_max_sim", "deita_rank", pl.col("drop_reason").alias("_reason"))
+
+
+@functools.lru_cache(maxsize=2)
+def _hidden_state_model(path: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, AutoModel.from_pretrained(path, dtype=torch.float32).eval()
 
 
 __all__ = [

@@ -401,3 +401,17 @@ def test_deita_filter_scores_selects_and_marks_across_shards(monkeypatch):
     reasons = dict(zip(marked["id"], marked["drop_reason"]))
     assert reasons == {"a": None, "d": None, "c": DROP_REDUNDANT, "b": DROP_OVER_BUDGET}
     assert marked["keep"].sum() == 2 and "deita_max_sim" in marked.columns
+
+
+def test_lm_embeddings_last_token_ignores_padding():
+    """Official Deita embedding: batching (right padding) must not change a row's vector."""
+    from filters.deita import lm_embeddings
+
+    texts = ["A short one.", "A much longer text that forces the first one to be padded in the batch."]
+    batched = lm_embeddings(texts, batch_size=2)
+    alone = lm_embeddings(texts[:1], batch_size=1)
+    assert batched.shape == (2, alone.shape[1]) and alone.shape[1] > 100
+    np.testing.assert_allclose(batched[0], alone[0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(batched[0], batched[1], atol=1e-3)
+    mean = lm_embeddings(texts, pooling="mean", batch_size=2)
+    np.testing.assert_allclose(mean[0], lm_embeddings(texts[:1], pooling="mean")[0], rtol=1e-4, atol=1e-4)
