@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        return 0
     except KeyboardInterrupt:
         print("alignforge: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -117,6 +117,12 @@ def magpie_sft(params: MagpieSFTParams | dict | None = None, engine: Any = None)
         "generated_tokens": tokens,
         "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0,
     }
+    if published.height == 0:
+        from schemas import SchemaError
+
+        raise SchemaError(f"magpie-sft: no conversation survived the run (dropped: {dict(sorted(drops.items()))})",
+                          dataset=final.url, fix="raise max_tokens_instruction / max_tokens_response (truncated rows "
+                          "are dropped) or n; the rejected rows and reasons are in each stage's rejected/ folder")
     publish_url = f"{run}/publish"
     storage.publish(publish_url, configs={"default": published}, rejected=rejected_rows,
                     test_size=params.test_size, seed=params.seed, card=card)
