@@ -78,6 +78,24 @@ def build_steps(params: MagpieDPOParams, engine: Any):
     return instructions, best_of_n, reward
 
 
+def _reward_model_errors(reward: Any, input_ds: Any, run: str) -> list[str]:
+    """Load the reward model up front (cached per process, so the stage reuses it) to report WHY it
+    can't be used; the stage itself turns that into counted drops. Skipped when the stage is done."""
+    import storage
+    from engines.reward import RewardModelError
+    from flows.runner import stage_url, step_fingerprint
+
+    if not reward.config.model:
+        return []
+    if storage.ShardedDataset(stage_url(run, reward.name, step_fingerprint(reward, input_ds))).committed:
+        return []
+    try:
+        reward.scorer()
+    except RewardModelError as error:
+        return [str(error)]
+    return []
+
+
 @flow(name="magpie-dpo", log_prints=False)
 def magpie_dpo(params: MagpieDPOParams | dict | None = None, engine: Any = None) -> dict:
     """Synthesise `n` instructions, sample `samples` answers each, score them and publish preference pairs.
@@ -105,6 +123,7 @@ def magpie_dpo(params: MagpieDPOParams | dict | None = None, engine: Any = None)
         cand_ds = step_task(best_of_n, unique, run, desc=f"best-of-{params.samples}")
         if params.reward.model and owned:
             engine.shutdown()  # free the chat model before the reward model loads (one model at a time)
+        errors = _reward_model_errors(reward, cand_ds, run)
         scored_ds = step_task(reward, cand_ds, run, desc="reward labels")
     finally:
         if owned:
@@ -118,8 +137,6 @@ def magpie_dpo(params: MagpieDPOParams | dict | None = None, engine: Any = None)
     for ds in stages.values():
         for reason, count in stage_summary(ds)["dropped"].items():
             drops[reason] = drops.get(reason, 0) + count
-    errors = sorted({s.get("reward_error") for s in (scored_ds.shard_stats() or {}).values()
-                     if s and s.get("reward_error")})
 
     built = build_preferences(scored_ds.read(), margin=params.margin)
     for reason, count in built.rejected["drop_reason"].value_counts().iter_rows():

@@ -65,7 +65,7 @@ def test_magpie_dpo_end_to_end_judge_then_reward_model(engine, tmp_path, monkeyp
     # Same params again: every stage resumes from its committed output, same pairs.
     again = magpie_dpo(base, engine=engine)
     assert again["rows_kept"] == result["rows_kept"]
-    assert load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]["id"] == prefs["id"]
+    assert list(load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]["id"]) == list(prefs["id"])
 
     # Swap in a reward model: generation is reused (same stage folders), only labelling reruns.
     candidates_before = stage_dirs(run, "best_of_n")
@@ -75,7 +75,7 @@ def test_magpie_dpo_end_to_end_judge_then_reward_model(engine, tmp_path, monkeyp
     assert len(stage_dirs(run, "reward_label")) == 2
     scores = load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]
     assert with_rm["rows_kept"] >= 1
-    assert any(s < 1.0 or s > 5.0 for s in scores["score_chosen"] + scores["score_rejected"])  # raw logits now
+    assert any(s < 1.0 or s > 5.0 for s in list(scores["score_chosen"]) + list(scores["score_rejected"]))  # raw logits now
 
     # An unusable reward model (no chat template): counted drops and a clear report, no crash.
     bad = build_random_reward_model(tmp_path / "rm-no-template", max_length=512, chat_template=False)
