@@ -6,7 +6,8 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from filters.zipfit import NOT_SELECTED, ZipFit, compressed_size
+import filters.zipfit as zipfit_module
+from filters.zipfit import NOT_SELECTED, ZipFit, compressed_size, pair_sizes
 
 CODE = [
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\nprint(add(10, 20))\n",
@@ -117,3 +118,52 @@ def test_bad_rows_lz4_and_empty_dataset():
     binary = pl.DataFrame({"id": ["a"], "instruction": [b"\xc3\x28"]}, schema={"id": pl.Utf8, "instruction": pl.Binary})
     assert ZipFit(target_texts=TARGET, workers=1).run(binary)["drop_reason"].to_list() == ["invalid_utf8"]
     assert compressed_size(b"", "lz4", 1) == 0
+
+
+def _texts_for_priming(rng):
+    """Empty, one byte, random bytes, low-entropy, code-like and 1 MB texts, plus lengths on
+    both sides of every window-size boundary the primed compressor can pick."""
+    code = "\n".join(CODE * 40).encode()
+    texts = [b"", b"x", rng.bytes(3000), rng.bytes(20_000), bytes(rng.choice([97, 98], 5000).astype(np.uint8)),
+             code[:1500], code, (CODE[0] * 20000).encode()[:1_000_000]]
+    for wbits in range(9, 16):
+        for edge in (2 ** wbits - 262 - 600, 2 ** wbits - 262 - 599, 2 ** wbits):
+            if edge > 0:
+                texts.append(code[:edge] if edge <= len(code) else (code * (edge // len(code) + 1))[:edge])
+                texts.append(rng.bytes(edge))
+    return texts
+
+
+@pytest.mark.parametrize("compressor,level", [("zlib", 6), ("gzip", 6), ("zlib", 1), ("gzip", 9)])
+def test_primed_pair_sizes_equal_compressing_the_concatenation(monkeypatch, compressor, level):
+    rng = np.random.default_rng(0)
+    texts = _texts_for_priming(rng)
+    targets = [b"", b"y", rng.bytes(600), "\n".join(RECIPES).encode()[:599], TARGET[2].encode(),
+               ("\n".join(TARGET) * 30).encode()]
+    # Force the primed path for every source, short and empty ones included.
+    monkeypatch.setattr(zipfit_module, "PRIME_MIN_SOURCE_BYTES", 0)
+
+    def direct(data: bytes) -> int:
+        return len(gzip.compress(data, level)) if compressor == "gzip" else len(zlib.compress(data, level))
+
+    for x in texts:
+        # x's own start as a target: a match exactly len(x) back, the farthest one possible,
+        # which a window one size too small would miss.
+        ys = targets + [x[:400]]
+        got = pair_sizes(x, ys, compressor, level)
+        assert got.tolist() == [direct(x + y) for y in ys], f"len(x)={len(x)}"
+    # Right at each window limit: x + y just fits 2**wbits, the echo lies just beyond the
+    # reach (2**wbits - 262) of that window, so only the next size up finds it.
+    for wbits in range(9, 15):
+        x = rng.bytes(2 ** wbits - 250)
+        assert pair_sizes(x, [x[:200]], compressor, level).tolist() == [direct(x + x[:200])], wbits
+
+
+def test_long_sources_score_exactly_the_formula():
+    # Sources above PRIME_MIN_SOURCE_BYTES take the primed path inside the filter.
+    long_texts = [(c * 30)[:4000] for c in CODE] + [(r + " ") * 40 for r in RECIPES]
+    assert min(len(t) for t in long_texts) >= zipfit_module.PRIME_MIN_SOURCE_BYTES
+    for compressor in ("zlib", "gzip"):
+        out = ZipFit(target_texts=TARGET, compressor=compressor, workers=1)(frame(long_texts))
+        for text, score in zip(long_texts, out["zipfit_alignment"]):
+            assert score == pytest.approx(direct_alignment(text, TARGET, 6, compressor), abs=1e-9)
