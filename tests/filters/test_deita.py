@@ -352,6 +352,8 @@ def test_scores_match_a_transformers_forward_pass(engine):
     complexity, quality = DeitaComplexity(engine=engine), DeitaQuality(engine=engine)
     out = quality(complexity(df))
     assert complexity.stats["rows_missing_tokens"] == 0 and quality.stats["rows_missing_tokens"] == 0
+    # the exact reader (vLLM logprob_token_ids): a score token can't be missing
+    assert complexity.stats["logprob_source"] in ("token_logprobs", "next_token_logprobs")
     prompts_c = [COMPLEXITY_TEMPLATE.format(instruction=i) for i, _ in ROWS]
     prompts_q = [QUALITY_TEMPLATE.format(instruction=i, output=r) for i, r in ROWS]
     from engines.embedded import resolve_model
@@ -368,6 +370,21 @@ def test_scores_match_a_transformers_forward_pass(engine):
     assert max(ref_c) - min(ref_c) > 1e-3
     evol = out["deita_evol_score"].to_list()
     assert evol == pytest.approx([c * q for c, q in zip(ref_c, ref_q)], abs=1e-3)
+
+    class TopKOnly:  # the Engine protocol's generic path: complete(logprobs=k)
+        tokenizer = engine.tokenizer
+        model_id = engine.model_id
+
+        def complete(self, prompts, sampling, *, desc=None):
+            return engine.complete(prompts, sampling, desc=desc)
+
+    topk = DeitaComplexity(engine=TopKOnly())
+    via_topk = topk(df)
+    assert topk.stats["logprob_source"] == "top_k"
+    got = via_topk["deita_complexity"].to_list()  # a digit outside the top-20 would be null + flagged
+    assert [g for g, m in zip(got, via_topk["deita_missing_tokens"]) if m == 0] == pytest.approx(
+        [r for r, m in zip(ref_c, via_topk["deita_missing_tokens"]) if m == 0], abs=1e-4)
+    assert all((g is None) == (m > 0) for g, m in zip(got, via_topk["deita_missing_tokens"]))
 
 
 def test_deita_filter_scores_selects_and_marks_across_shards(monkeypatch):
