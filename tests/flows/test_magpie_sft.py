@@ -113,17 +113,34 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, engine):
     assert not os.path.exists(os.path.join(stage, "_manifest.json"))
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "rows:" in rerun.stdout and "kept" in rerun.stdout
+    # A 135M model often rambles past max_tokens: all rows may end up dropped ("truncated_response").
+    # That is a finished run too (exit 2 with the one-line reason); resume is checked on every stage.
+    all_dropped = "no conversation survived" in rerun.stderr
+    assert rerun.returncode == 0 or (rerun.returncode == 2 and all_dropped), rerun.stderr[-2000:]
+
+    from schemas import SchemaError
 
     clean_out = tmp_path / "clean"
-    magpie_sft({**sets, "out": str(clean_out)}, engine=engine)  # same seed, never interrupted
+    try:
+        magpie_sft({**sets, "out": str(clean_out)}, engine=engine)  # same seed, never interrupted
+    except SchemaError:
+        assert all_dropped
 
-    resumed, clean = published(killed_out), published(clean_out)
-    assert resumed["id"].n_unique() == resumed.height  # no duplicated ids
-    assert resumed["id"].to_list() == clean["id"].to_list()  # none missing, none extra
-    assert resumed["messages"].to_list() == clean["messages"].to_list()
-    instr = pl.read_parquet(os.path.join(stage, "part-*.parquet"))
-    rejected = glob.glob(os.path.join(stage, "rejected", "part-*.parquet"))
-    total = instr.height + (pl.read_parquet(rejected).height if rejected else 0)
-    assert total == sets["n"]  # every seed exactly once across kept + rejected
+    def stage_rows(out: Path, name: str) -> pl.DataFrame:
+        folder = glob.glob(str(out / "stages" / f"{name}-*"))
+        assert len(folder) == 1 and os.path.exists(os.path.join(folder[0], "_manifest.json"))
+        parts = [pl.read_parquet(p) for p in sorted(glob.glob(os.path.join(folder[0], "**", "part-*.parquet"),
+                                                                  recursive=True))]
+        cols = [c for c in ("id", "instruction", "messages", "drop_reason") if c in parts[0].columns]
+        return pl.concat([p.select(cols) for p in parts], how="vertical_relaxed").sort("id")
+
+    for name in ("magpie_instructions", "magpie_responses", "dedup_instructions"):
+        resumed, clean = stage_rows(killed_out, name), stage_rows(clean_out, name)
+        assert resumed["id"].n_unique() == resumed.height  # no duplicated ids
+        assert resumed.equals(clean), name  # none missing, same texts and drop reasons
+    assert stage_rows(killed_out, "magpie_instructions").height == sets["n"]  # every seed exactly once
+    if not all_dropped:
+        assert "rows:" in rerun.stdout and "kept" in rerun.stdout
+        resumed, clean = published(killed_out), published(clean_out)
+        assert resumed["id"].to_list() == clean["id"].to_list()
+        assert resumed["messages"].to_list() == clean["messages"].to_list()
