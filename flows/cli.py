@@ -36,6 +36,8 @@ def configure_environment(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_MEMO_STORE_PATH", os.path.join(home, "memo_store.toml"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The in-process ephemeral API server needs more than Prefect's 20 s on a busy shared CPU box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     level = "INFO" if verbose else "WARNING"
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
     os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", level)
