@@ -190,6 +190,11 @@ class RewardModel:
             text_config.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
         # Custom-code models (ArmoRM) may not accept inputs_embeds: score them one at a time (exact).
         self._batched_hf = not bool(getattr(self.config, "auto_map", None))
+        # Its "won't detect padding in inputs_embeds" warning is about the very pooling we rely on
+        # (last column under left padding); it would only confuse users.
+        import logging
+
+        logging.getLogger("transformers.modeling_layers").setLevel(logging.ERROR)
 
     # -- rendering -----------------------------------------------------------------------------
     def render(self, prompt: list[dict[str, str]], response: str) -> str:
