@@ -279,6 +279,8 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
+    from pydantic_core import PydanticUndefined
+
     from flows.recipes import RECIPES, recipe
 
     for name in sorted(RECIPES):
@@ -290,10 +292,25 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         doc = (getattr(flow_fn, "description", None) or getattr(flow_fn, "__doc__", None) or "").strip().splitlines()
         print(f"{name}: {doc[0] if doc else ''}")
         print(f"  defaults: {default_yaml}")
-        for key, field in params_model.model_fields.items():
-            print(f"  --set {key}=...  ({_field_type(params_model, (key,))}, default {field.default!r})"
-                  + (f"  {field.description}" if field.description else ""))
+        for key, type_name, default, description in _flat_fields(params_model):
+            shown = "required" if default is PydanticUndefined else f"default {default!r}"
+            print(f"  --set {key}=...  ({type_name}, {shown})" + (f"  {description}" if description else ""))
     return 0
+
+
+def _flat_fields(model: type, prefix: str = "") -> list[tuple[str, str, Any, str | None]]:
+    """(dotted key, type, default, description) for every leaf field; nested sections flattened."""
+    from pydantic import BaseModel
+
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += _flat_fields(ann, f"{prefix}{name}.")
+        else:
+            default = field.default_factory() if field.default_factory is not None else field.default
+            rows.append((prefix + name, _field_type(model, (name,)), default, field.description))
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
