@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.setup-$(EXTRA)
 OUT     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-generation bench-curate bench-scoring model clean
+.PHONY: setup demo demo-dpo demo-curate test test-fast bench bench-generation bench-curate bench-scoring model clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,14 @@ model: setup
 
 demo: setup
 	$(VENV)/bin/alignforge run magpie-sft --set n=50 --set turns=1 --out $(OUT)
+
+# The demo family: preference data (Magpie -> best-of-N -> judge -> chosen/rejected) and curation.
+demo-dpo: setup
+	$(VENV)/bin/alignforge run magpie-dpo --set n=30 --set samples=5 --out runs/demo-dpo
+
+demo-curate: setup
+	@test -f $(OUT)/publish/_manifest.json || $(MAKE) demo
+	$(VENV)/bin/alignforge run curate --set input=$(OUT)/publish --set deita.enabled=true --out runs/demo-curated
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

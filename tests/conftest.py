@@ -3,7 +3,14 @@ selected test asks for it (`-m "not engine"` never starts it)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Prefect's ephemeral server logs "Stopping temporary server" at exit, after pytest has closed the
+# captured streams ("--- Logging error ---"); the CLI runs at WARNING too (flows.cli).
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "WARNING")
 
 
 def pytest_collection_modifyitems(config, items):
