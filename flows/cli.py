@@ -77,16 +77,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _valid_keys(model: type, prefix: str = "") -> list[str]:
-    from pydantic import BaseModel
-
-    keys = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _valid_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
+    return [key for key, *_ in _flat_fields(model, prefix)]
 
 
 def check_keys(model: type, values: dict[str, Any], *, source: str, prefix: str = "") -> None:
