@@ -50,3 +50,11 @@ class Step:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+class EngineStep(Step):
+    """A step that generates with an engine it is given (stages never load models themselves)."""
+
+    def __init__(self, config: StepConfig | None = None, *, engine: Any = None, **overrides: Any):
+        super().__init__(config, **overrides)
+        self.engine = engine

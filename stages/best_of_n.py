@@ -17,9 +17,9 @@ from typing import Any
 import polars as pl
 from pydantic import Field
 
-from engines.base import Engine, Sampling
+from engines.base import Sampling
 from schemas import MESSAGES, row_id
-from stages.base import Step, StepConfig
+from stages.base import EngineStep, Step, StepConfig
 from stages.magpie import check_response, sample_seed, stop_token_ids, template_tokens
 
 
@@ -51,17 +51,13 @@ def prompts_of(df: pl.DataFrame, system_prompt: str | None = None, where: str = 
                      "Fix: run magpie_instructions first or load rows with schemas.mapping.load_rows")
 
 
-class BestOfN(Step):
+class BestOfN(EngineStep):
     """Instruction rows -> k candidate rows each (parent_id, candidate_index, messages)."""
 
     name = "best_of_n"
     version = 1
     Config = BestOfNConfig
     config: BestOfNConfig
-
-    def __init__(self, config: StepConfig | None = None, *, engine: Engine | None = None, **overrides: Any):
-        super().__init__(config, **overrides)
-        self.engine = engine
 
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         if "id" not in df.columns:

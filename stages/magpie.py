@@ -19,7 +19,7 @@ from pydantic import Field
 
 from engines.base import Engine, GenerationResult, Sampling
 from schemas import MESSAGES, row_id, stable_hash
-from stages.base import Step, StepConfig
+from stages.base import EngineStep, Step, StepConfig
 
 # Our wording of Magpie-MT's follow-up system prompt (used only while sampling follow-up queries).
 FOLLOWUP_SYSTEM_PROMPT = (
@@ -186,17 +186,13 @@ class MagpieInstructionsConfig(StepConfig):
     suppress_headers: bool = Field(False, description="forbid a markdown '#' header as the first token")
 
 
-class MagpieInstructions(Step):
+class MagpieInstructions(EngineStep):
     """Seed rows (`seed` int) -> one sampled user query each."""
 
     name = "magpie_instructions"
     version = 1
     Config = MagpieInstructionsConfig
     config: MagpieInstructionsConfig
-
-    def __init__(self, config: StepConfig | None = None, *, engine: Engine | None = None, **overrides: Any):
-        super().__init__(config, **overrides)
-        self.engine = engine
 
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         if "seed" not in df.columns:
@@ -262,17 +258,13 @@ class MagpieResponsesConfig(StepConfig):
     followup_system_prompt: str = FOLLOWUP_SYSTEM_PROMPT
 
 
-class MagpieResponses(Step):
+class MagpieResponses(EngineStep):
     """Instruction rows -> `messages` conversations (user/assistant, `turns` rounds)."""
 
     name = "magpie_responses"
     version = 1
     Config = MagpieResponsesConfig
     config: MagpieResponsesConfig
-
-    def __init__(self, config: StepConfig | None = None, *, engine: Engine | None = None, **overrides: Any):
-        super().__init__(config, **overrides)
-        self.engine = engine
 
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         for col in ("id", "instruction"):

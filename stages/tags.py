@@ -20,7 +20,7 @@ import polars as pl
 from pydantic import Field
 
 from engines.base import Engine, Sampling
-from stages.base import Step, StepConfig
+from stages.base import EngineStep, StepConfig
 from stages.best_of_n import prompts_of
 
 INPUT_QUALITY = ("very poor", "poor", "average", "good", "excellent")
@@ -54,7 +54,7 @@ class MagpieTagsConfig(StepConfig):
     max_instruction_chars: int = Field(4000, ge=1, description="longer instructions are cut for the tagger prompt")
 
 
-class MagpieTags(Step):
+class MagpieTags(EngineStep):
     """Rows with `instruction` (or `messages`) -> + `input_quality`, `difficulty`, `task_category`."""
 
     name = "magpie_tags"
@@ -63,11 +63,10 @@ class MagpieTags(Step):
     config: MagpieTagsConfig
 
     def __init__(self, config: StepConfig | None = None, *, engine: Engine | None = None, **overrides: Any):
-        super().__init__(config, **overrides)
+        super().__init__(config, engine=engine, **overrides)
         unknown = set(self.config.tags) - set(TAG_LABELS)
         if unknown:
             raise ValueError(f"{self.name}: unknown tags {sorted(unknown)}. Fix: use a subset of {list(TAG_LABELS)}")
-        self.engine = engine
 
     def instructions(self, df: pl.DataFrame) -> list[str]:
         if "instruction" in df.columns:
