@@ -154,7 +154,7 @@ class ScorePhase(Step):
 def select_and_mark(filt: GlobalFilter, scored: Any, run_url: str, *, desc: str) -> Any:
     """Select over all kept rows of `scored`, mark each shard, commit `<run>/stages/<name>-<fp>`."""
     import storage
-    from flows.runner import fingerprint_of, stage_summary, stage_url, summary_line, _say
+    from flows.runner import commit_global, fingerprint_of, stage_summary, stage_url, summary_line, _say, write_marked_shard
 
     input_fp = fingerprint_of(scored)
     fingerprint = filt.fingerprint(input_fp)
@@ -180,19 +180,10 @@ def select_and_mark(filt: GlobalFilter, scored: Any, run_url: str, *, desc: str)
             continue
         t0 = time.perf_counter()
         marked = filt.mark(shards[i], part).drop([c for c in HEAVY_COLUMNS if c in shards[i].columns])
-        dropped = marked.filter(~pl.col("keep"))["drop_reason"].value_counts()
-        drops = {r: int(n) for r, n in dropped.iter_rows()}
-        out.write_shard(i, marked, stats={"rows_in": marked.height, "rows_out": marked.height - sum(drops.values()),
-                                          "dropped": drops, "generated_tokens": 0,
-                                          "seconds": round(time.perf_counter() - t0, 3)})
-    summary = stage_summary(out)
-    summary["seconds"] += select_seconds
-    out.commit(storage.build_manifest(
-        step_name=filt.name, step_version=filt.version, config=filt.config.model_dump(mode="json"),
-        fingerprint=fingerprint, input_fingerprints=[input_fp], engine_models=[], dataset=out,
-        timings={"seconds": round(time.perf_counter() - started, 3), "select_seconds": round(select_seconds, 3)},
-        extra={"summary": summary, "select_stats": filt.stats}))
-    _say(summary_line(desc, summary))
+        write_marked_shard(out, i, marked, rows_in=marked.height, started=t0)
+    commit_global(out, name=filt.name, version=filt.version, config=filt.config.model_dump(mode="json"),
+                  fingerprint=fingerprint, input_fp=input_fp, started=started, select_seconds=select_seconds,
+                  label=desc, extra={"select_stats": filt.stats})
     return out
 
 

@@ -291,19 +291,32 @@ def run_global(name: str, select: Callable[[pl.LazyFrame], pl.DataFrame], input_
             .when(~pl.col("_sel_keep").fill_null(True)).then(pl.col("_sel_reason").fill_null(name))
             .otherwise(None).cast(pl.Utf8).alias("drop_reason"),
         ).drop("_sel_keep", "_sel_reason")
-        drops = _count_drops(df)
-        out.write_shard(i, df, stats={"rows_in": df_in.height, "rows_out": df.height - sum(drops.values()),
+        write_marked_shard(out, i, df, rows_in=df_in.height, started=t0)
+    commit_global(out, name=name, version=version, config=config, fingerprint=fingerprint, input_fp=input_fp,
+                  started=started, select_seconds=select_seconds, label=label)
+    return out
+
+
+def write_marked_shard(out: Any, index: int, df: pl.DataFrame, *, rows_in: int, started: float) -> None:
+    """Write one shard of a global phase (keep / drop_reason already marked) with its stats."""
+    drops = _count_drops(df)
+    out.write_shard(index, df, stats={"rows_in": rows_in, "rows_out": df.height - sum(drops.values()),
                                       "dropped": drops, "generated_tokens": 0,
-                                      "seconds": round(time.perf_counter() - t0, 3)})
+                                      "seconds": round(time.perf_counter() - started, 3)})
+
+
+def commit_global(out: Any, *, name: str, version: int, config: dict, fingerprint: str, input_fp: str,
+                  started: float, select_seconds: float, label: str, extra: dict | None = None) -> dict:
+    """Commit a global phase's manifest (select time included) and print its summary line."""
     summary = stage_summary(out)
     summary["seconds"] += select_seconds
-    out.commit(storage.build_manifest(
+    out.commit(_storage().build_manifest(
         step_name=name, step_version=version, config=config, fingerprint=fingerprint,
         input_fingerprints=[input_fp], engine_models=[], dataset=out,
         timings={"seconds": round(time.perf_counter() - started, 3), "select_seconds": round(select_seconds, 3)},
-        extra={"summary": summary}))
+        extra={"summary": summary, **(extra or {})}))
     _say(summary_line(label, summary))
-    return out
+    return summary
 
 
 # ---------------------------------------------------------------- Prefect tasks (cache key = fingerprint)
