@@ -39,8 +39,8 @@ import polars as pl
 from pydantic import Field
 
 from engines.base import Sampling
-from filters.base import GlobalFilter
-from stages.base import Step, StepConfig
+from alignforge.step import GlobalStep
+from alignforge.step import Step, StepConfig
 
 # Released scorer input formats (hkust-nlp/deita-complexity-scorer, -quality-scorer), verbatim.
 COMPLEXITY_TEMPLATE = ("You are a helpful assistant. Please identify the complexity score of the following "
@@ -540,7 +540,7 @@ def lm_embeddings(texts: Sequence[str], model: str | None = None, *, pooling: st
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole Deita filter as a GlobalFilter (score per shard -> select over all -> mark per shard)
+# The whole Deita filter as a GlobalStep (score per shard -> select over all -> mark per shard)
 # ---------------------------------------------------------------------------------------------
 
 EMBEDDING = "deita_embedding"
@@ -561,7 +561,7 @@ class DeitaFilterConfig(StepConfig):
     block_size: int = Field(256, ge=1)
 
 
-class DeitaFilter(GlobalFilter):
+class DeitaFilter(GlobalStep):
     """Deita end to end: complexity + quality + embedding per shard; score-first diverse selection."""
 
     name: ClassVar[str] = "deita"

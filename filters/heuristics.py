@@ -25,7 +25,7 @@ from typing import ClassVar
 import polars as pl
 from pydantic import Field
 
-from stages.base import Step, StepConfig
+from alignforge.step import Step, StepConfig
 
 from .text import EMPTY_TEXT, INVALID_UTF8, conversation_expr, instruction_expr, mark_drops, response_expr, \
     row_text, unusable_text_reason

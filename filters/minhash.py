@@ -28,9 +28,9 @@ import numpy as np
 import polars as pl
 from pydantic import Field, model_validator
 
-from stages.base import StepConfig
+from alignforge.step import StepConfig
 
-from .base import GlobalFilter, ordered_scores
+from alignforge.step import GlobalStep, ordered_scores
 from .text import TextOn, mark_drops, row_text, unusable_text_reason
 
 DUPLICATE = "minhash_duplicate"
@@ -131,7 +131,7 @@ def _ngram_hashes(units: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.nd
     return h[keep], per_doc
 
 
-class MinHashDedup(GlobalFilter):
+class MinHashDedup(GlobalStep):
     name: ClassVar[str] = "minhash"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StepConfig]] = MinHashConfig

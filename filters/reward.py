@@ -21,9 +21,9 @@ from pydantic import Field
 
 from engines.reward import RewardModelError, RewardScorer, make_scorer
 from schemas import SchemaError
-from stages.base import Step, StepConfig
+from alignforge.step import Step, StepConfig
 
-from .text import mark_drops
+from alignforge.step import carry_drops as mark_drops
 
 log = logging.getLogger(__name__)
 

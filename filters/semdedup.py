@@ -20,9 +20,9 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from stages.base import StepConfig
+from alignforge.step import StepConfig
 
-from .base import GlobalFilter, ordered_scores
+from alignforge.step import GlobalStep, ordered_scores
 from .text import TextOn, mark_drops, row_text, unusable_text_reason
 
 EMBEDDING = "semdedup_embedding"
@@ -83,7 +83,7 @@ def greedy_dedup(emb: np.ndarray, threshold: float, block_size: int = 2048,
     return keep, best, best_of
 
 
-class SemDedup(GlobalFilter):
+class SemDedup(GlobalStep):
     name: ClassVar[str] = "semdedup"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StepConfig]] = SemDedupConfig

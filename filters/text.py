@@ -148,16 +148,4 @@ def unusable_text_reason(df: pl.DataFrame, texts: pl.Series) -> pl.Series:
     )
 
 
-def mark_drops(df: pl.DataFrame, reasons: pl.Series | pl.Expr) -> pl.DataFrame:
-    """AND-combine this filter's verdict into `keep` / `drop_reason`.
-
-    `reasons` is a Utf8 series/expression: null = this filter keeps the row, a string = drop it
-    for that reason. A row already dropped keeps its earlier reason.
-    """
-    reason = reasons if isinstance(reasons, pl.Expr) else pl.lit(reasons)
-    old_keep = pl.col("keep") if "keep" in df.columns else pl.lit(True)
-    old_reason = pl.col("drop_reason") if "drop_reason" in df.columns else pl.lit(None, dtype=pl.Utf8)
-    return df.with_columns(
-        (old_keep.fill_null(True) & reason.is_null()).alias("keep"),
-        pl.coalesce(old_reason.cast(pl.Utf8), reason.cast(pl.Utf8)).alias("drop_reason"),
-    )
+from alignforge.step import carry_drops as mark_drops  # noqa: E402  (one implementation, re-exported)

@@ -48,9 +48,9 @@ import polars as pl
 from pydantic import Field, field_validator, model_validator
 
 from schemas import SchemaError, stable_hash
-from stages.base import StepConfig
+from alignforge.step import StepConfig
 
-from .base import GlobalFilter, ordered_scores
+from alignforge.step import GlobalStep, ordered_scores
 from .text import TextOn, mark_drops, row_text, unusable_text_reason
 
 ALIGNMENT = "zipfit_alignment"
@@ -236,7 +236,7 @@ def load_target_texts(path: str, on: TextOn = "conversation") -> list[str]:
     return texts
 
 
-class ZipFit(GlobalFilter):
+class ZipFit(GlobalStep):
     name: ClassVar[str] = "zipfit"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StepConfig]] = ZipFitConfig

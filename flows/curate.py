@@ -29,14 +29,14 @@ import polars as pl
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from filters.base import GlobalFilter, shard_decisions
+from alignforge.step import GlobalStep as GlobalFilter, shard_decisions
 from filters.deita import DeitaFilter, DeitaFilterConfig
 from filters.heuristics import Heuristics, HeuristicsConfig
 from filters.minhash import MinHashConfig, MinHashDedup
 from filters.semdedup import SemDedup, SemDedupConfig
 from filters.zipfit import ZipFit, ZipFitConfig
 from schemas import stable_hash
-from stages.base import Step
+from alignforge.step import Step
 
 # Score columns too heavy or internal to publish (they stay in the score stages for re-runs).
 HEAVY_COLUMNS = ("minhash_signature", "semdedup_embedding", "deita_embedding")

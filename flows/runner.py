@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import polars as pl
 
 from schemas import row_id, stable_hash
-from stages.base import Step
+from alignforge.step import Step
 
 SEEDS_ORIGIN = "seeds@1"
 

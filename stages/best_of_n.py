@@ -19,7 +19,7 @@ from pydantic import Field
 
 from engines.base import Sampling
 from schemas import MESSAGES, row_id
-from stages.base import EngineStep, Step, StepConfig
+from alignforge.step import EngineStep, Step, StepConfig
 from stages.magpie import check_response, sample_seed, stop_token_ids, template_tokens
 
 

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from engines.base import Engine, GenerationResult, Sampling
 from schemas import MESSAGES, row_id, stable_hash
-from stages.base import EngineStep, Step, StepConfig
+from alignforge.step import EngineStep, Step, StepConfig
 
 # Our wording of Magpie-MT's follow-up system prompt (used only while sampling follow-up queries).
 FOLLOWUP_SYSTEM_PROMPT = (

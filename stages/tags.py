@@ -20,7 +20,7 @@ import polars as pl
 from pydantic import Field
 
 from engines.base import Engine, Sampling
-from stages.base import EngineStep, StepConfig
+from alignforge.step import EngineStep, StepConfig
 from stages.best_of_n import prompts_of
 
 INPUT_QUALITY = ("very poor", "poor", "average", "good", "excellent")

@@ -389,7 +389,7 @@ def test_scores_match_a_transformers_forward_pass(engine):
 
 def test_deita_filter_scores_selects_and_marks_across_shards(monkeypatch):
     """GlobalFilter contract: score each shard, select over all, mark each shard's slice."""
-    from filters.base import shard_decisions
+    from alignforge.step import shard_decisions
 
     def script(prompt):  # longer instructions look more complex; every response scores alike
         if "##Complexity" in prompt:

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from filters.base import shard_decisions
+from alignforge.step import shard_decisions
 from filters.minhash import DUPLICATE, MinHashDedup, optimal_bands
 from schemas import SchemaError
 

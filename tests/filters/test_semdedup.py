@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from filters.base import shard_decisions
+from alignforge.step import shard_decisions
 from filters.semdedup import DUPLICATE, SemDedup, greedy_dedup
 
 

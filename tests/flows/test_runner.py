@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from flows.runner import run_global, run_step, seed_shards, stage_summary
-from stages.base import Step, StepConfig
+from alignforge.step import Step, StepConfig
 
 
 class AddOneConfig(StepConfig):
