@@ -11,15 +11,23 @@
 | repeated n-grams (Gopher)  | heur_repeated_ngram_ratio        | repeated_ngrams               |
 | language (lingua)          | heur_language                    | language_mismatch             |
 
-Ratios are over the whole conversation. Repeated-line ratio = share of non-blank lines that
-duplicate an earlier line; repeated n-gram ratio = share of characters covered by word n-grams
-(n = `ngram`, default 5) that occur more than once (Gopher's duplicate n-gram fraction).
+Repetition is measured per message and the row's score is its worst message: a response that
+quotes its instruction (code review, "fix this sentence") repeats nothing. Repeated-line ratio
+= share of content lines that duplicate an earlier line of the same message; structural lines
+(blank, only brackets / punctuation like `{`, `},`, `]`, `---`, code fences, a lone closing tag,
+block ends like `end` / `fi`) are not content, so pretty-printed JSON or code is not
+"repetitive". Repeated n-gram ratio = share of characters covered by word n-grams (n = `ngram`,
+default 5) that occur more than once (Gopher's duplicate n-gram fraction).
+Bounds are compared exactly (integer fractions against the decimal bound as written): 3
+duplicated lines of 10 under `max_repeated_line_ratio: 0.3` is exactly 0.3 and is kept.
 A row failing several checks gets the first reason in the table order. A bound set to None is
 not checked.
 """
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
 from typing import ClassVar
 
 import polars as pl
@@ -27,8 +35,8 @@ from pydantic import Field
 
 from alignforge.step import Step, StepConfig
 
-from .text import EMPTY_TEXT, INVALID_UTF8, conversation_expr, instruction_expr, mark_drops, response_expr, \
-    row_text, unusable_text_reason
+from .text import EMPTY_TEXT, INVALID_UTF8, conversation_expr, instruction_expr, mark_drops, message_texts, \
+    response_expr, row_text, unusable_text_reason
 
 TEMPLATE_TOKENS = (
     "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -60,18 +68,31 @@ class HeuristicsConfig(StepConfig):
     min_language_chars: int = Field(20, ge=0, description="shorter texts are not language-checked")
 
 
-def repeated_line_ratio(text: str | None) -> float:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    if not lines:
-        return 0.0
-    return 1.0 - len(set(lines)) / len(lines)
+# Lines that carry layout, not content: no word character at all (`{`, `},`, `]`, `---`, `|---|`),
+# a code fence (```python), a lone closing tag (</div>), a bare block end, or a key that only
+# opens a nested value (`"langs": [`, `items = {`: its content is on the following lines).
+_STRUCTURAL_LINE = re.compile(
+    r"[\W_]*|(?:```|~~~)[\w+#.-]*|</[\w:.-]+>|(?:end|fi|done|esac|else|pass|break|continue|return)[:;,]?"
+    r"|[\"']?[\w .$-]*[\"']?\s*[:=]\s*[\[{(]")
 
 
-def repeated_ngram_ratio(text: str | None, n: int = 5) -> float:
-    """Share of word characters covered by word n-grams that occur more than once."""
+def is_structural_line(line: str) -> bool:
+    return _STRUCTURAL_LINE.fullmatch(line.strip()) is not None
+
+
+def repeated_line_counts(text: str | None) -> tuple[int, int]:
+    """(content lines that duplicate an earlier content line, content lines) of one message."""
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    content = [ln for ln in lines if not is_structural_line(ln)]
+    return len(content) - len(set(content)), len(content)
+
+
+def repeated_ngram_counts(text: str | None, n: int = 5) -> tuple[int, int]:
+    """(word characters covered by word n-grams that occur more than once, word characters)."""
     words = (text or "").split()
+    total = sum(len(w) for w in words)
     if len(words) < n:
-        return 0.0
+        return 0, total
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     counts: dict[tuple, int] = {}
     for g in grams:
@@ -81,8 +102,32 @@ def repeated_ngram_ratio(text: str | None, n: int = 5) -> float:
         if counts[g] > 1:
             for k in range(i, i + n):
                 covered[k] = True
-    total = sum(len(w) for w in words)
-    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
+    return sum(len(w) for w, c in zip(words, covered) if c), total
+
+
+def _fraction(counts: tuple[int, int]) -> Fraction:
+    part, whole = counts
+    return Fraction(part, whole) if whole else Fraction(0)
+
+
+def repeated_line_ratio(text: str | None) -> float:
+    """Share of content lines of one text that duplicate an earlier line (structural lines ignored)."""
+    return float(_fraction(repeated_line_counts(text)))
+
+
+def repeated_ngram_ratio(text: str | None, n: int = 5) -> float:
+    """Share of word characters covered by word n-grams that occur more than once."""
+    return float(_fraction(repeated_ngram_counts(text, n)))
+
+
+def exact_bound(value: float) -> Fraction:
+    """A bound as the decimal the user wrote (0.3 -> 3/10), not its binary float (0.2999...989)."""
+    return Fraction(repr(float(value)))
+
+
+def worst_message(messages: list[str], measure) -> Fraction:
+    """The highest exact ratio over a row's messages (0 for a row without messages)."""
+    return max((_fraction(measure(m)) for m in messages), default=Fraction(0))
 
 
 class _Language:
@@ -108,7 +153,8 @@ class _Language:
 
 class Heuristics(Step):
     name: ClassVar[str] = "heuristics"
-    version: ClassVar[int] = 1
+    # 2: repetition per message, structural lines ignored, bounds compared exactly.
+    version: ClassVar[int] = 2
     Config: ClassVar[type[StepConfig]] = HeuristicsConfig
     config: HeuristicsConfig
 
@@ -141,9 +187,11 @@ class Heuristics(Step):
             found = convo.fill_null("").str.extract_many(list(cfg.template_tokens), overlapping=False)
             leak = found.list.first()
         scores["heur_template_leak"] = leak
-        scores["heur_repeated_line_ratio"] = pl.Series([repeated_line_ratio(t) for t in convo_list], dtype=pl.Float64)
-        scores["heur_repeated_ngram_ratio"] = pl.Series(
-            [repeated_ngram_ratio(t, cfg.ngram) for t in convo_list], dtype=pl.Float64)
+        per_message = message_texts(df)
+        line_ratio = [worst_message(m, repeated_line_counts) for m in per_message]
+        ngram_ratio = [worst_message(m, lambda t: repeated_ngram_counts(t, cfg.ngram)) for m in per_message]
+        scores["heur_repeated_line_ratio"] = pl.Series([float(r) for r in line_ratio], dtype=pl.Float64)
+        scores["heur_repeated_ngram_ratio"] = pl.Series([float(r) for r in ngram_ratio], dtype=pl.Float64)
         if cfg.languages:
             if self._language is None:
                 self._language = _Language(cfg.languages, cfg.candidate_languages)
@@ -173,10 +221,13 @@ class Heuristics(Step):
         if cfg.drop_colon_ending:
             checks.append((pl.col("heur_instruction_colon"), "instruction_ends_with_colon"))
         checks.append((pl.col("heur_template_leak").is_not_null(), "template_token_leak"))
+        # Exact comparisons (Fractions), never float ratios against float bounds.
         if cfg.max_repeated_line_ratio is not None:
-            checks.append((pl.col("heur_repeated_line_ratio") > cfg.max_repeated_line_ratio, "repeated_lines"))
+            bound_ = exact_bound(cfg.max_repeated_line_ratio)
+            checks.append((pl.lit(pl.Series([r > bound_ for r in line_ratio], dtype=pl.Boolean)), "repeated_lines"))
         if cfg.max_repeated_ngram_ratio is not None:
-            checks.append((pl.col("heur_repeated_ngram_ratio") > cfg.max_repeated_ngram_ratio, "repeated_ngrams"))
+            bound_ = exact_bound(cfg.max_repeated_ngram_ratio)
+            checks.append((pl.lit(pl.Series([r > bound_ for r in ngram_ratio], dtype=pl.Boolean)), "repeated_ngrams"))
         if cfg.languages:
             allowed = [lang.upper() for lang in cfg.languages]
             long_enough = pl.lit(pl.Series([len(t.strip()) >= cfg.min_language_chars for t in convo_list]))
@@ -193,4 +244,5 @@ class Heuristics(Step):
 
 
 __all__ = ["Heuristics", "HeuristicsConfig", "TEMPLATE_TOKENS", "repeated_line_ratio", "repeated_ngram_ratio",
-           "EMPTY_TEXT", "INVALID_UTF8", "conversation_expr"]
+           "repeated_line_counts", "repeated_ngram_counts", "is_structural_line", "exact_bound", "EMPTY_TEXT",
+           "INVALID_UTF8", "conversation_expr"]

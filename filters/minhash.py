@@ -11,6 +11,13 @@ Rows are put in canonical id order first, so clusters do not depend on shard cou
 Output columns: `minhash_cluster` (id of the cluster's kept row), `minhash_cluster_size`;
 drop reason `minhash_duplicate`.
 
+Texts without word tokens (`🙂🙂🙂`, `???`, `+-*/`): word shingling finds nothing, and an empty
+shingle set would give the all-max signature, so every such text would "duplicate" every other.
+They fall back to character n-grams (Unicode code points, n = 5, whitespace collapsed): a text
+shorter than 5 characters is one shingle (itself), so distinct short symbol texts never
+cluster, and longer ones are compared on their characters (counted in `stats["char_fallback"]`).
+Blank texts get no signature at all (drop reason `empty_text`).
+
 Bands x rows default to the split minimising fp_weight * (false-positive area) + fn_weight *
 (false-negative area) of the LSH S-curve. The weights lean to recall (0.05 / 0.95) because
 candidates are verified afterwards, so a false positive costs a comparison, while a false
@@ -39,6 +46,9 @@ SIGNATURE = "minhash_signature"
 # element; 32k-shingle blocks fell out of cache and ran 3-5x slower.
 _MAX_SHINGLES_PER_CHUNK = 1 << 13
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+# Character fallback for texts without word tokens (see the module docstring).
+FALLBACK_CHAR_NGRAM = 5
+_CHAR_SALT = np.uint64(0xC2B2AE3D27D4EB4F)  # keeps code-point units apart from word-token hashes
 
 
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.05,
@@ -133,7 +143,8 @@ def _ngram_hashes(units: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.nd
 
 class MinHashDedup(GlobalStep):
     name: ClassVar[str] = "minhash"
-    version: ClassVar[int] = 1
+    # 2: texts without word tokens get character shingles (were all-max signatures that collided).
+    version: ClassVar[int] = 2
     Config: ClassVar[type[StepConfig]] = MinHashConfig
     score_fields: ClassVar[tuple[str, ...]] = ("on", "shingle", "ngram", "num_perm", "lowercase", "seed")
     score_columns: ClassVar[tuple[str, ...]] = (SIGNATURE,)
@@ -145,27 +156,50 @@ class MinHashDedup(GlobalStep):
         p = self.config.num_perm
         self._a = rng.integers(1, 2**63, size=p, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self._b = rng.integers(0, 2**63, size=p, dtype=np.uint64)
+        self._char_fallback = 0  # texts of the last shingle_hashes() call that had no word token
 
     # ---- score -------------------------------------------------------------------------
     def shingle_hashes(self, texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-        """(flat 64-bit shingle hashes, shingles per text) for a series of texts."""
+        """(flat 64-bit shingle hashes, shingles per text) for a series of texts.
+
+        Every non-blank text gets at least one shingle: word mode falls back to code-point
+        n-grams for texts without a word token."""
         cfg = self.config
         norm = _normalise(texts, cfg.lowercase, whitespace=cfg.shingle == "char")
-        if cfg.shingle == "word":
-            tokens = norm.str.extract_all(r"\w+")
-            lengths = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
-            flat = tokens.explode().drop_nulls()
-            # Polars' hash differs between polars versions; signatures are recomputed then
-            # (score_fingerprint includes the polars version).
-            units = flat.hash(seed=cfg.seed).to_numpy().astype(np.uint64, copy=False)
-        else:
-            encoded = [t.encode("utf-8") for t in norm.to_list()]
+        if cfg.shingle == "char":
+            encoded = [t.encode("utf-8", "surrogatepass") for t in norm.to_list()]
             lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
             units = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint64) + np.uint64(1)
-        return _ngram_hashes(units, lengths, cfg.ngram)
+            self._char_fallback = 0
+            return _ngram_hashes(units, lengths, cfg.ngram)
+        tokens = norm.str.extract_all(r"\w+")
+        lengths = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
+        flat = tokens.explode().drop_nulls()
+        # Polars' hash differs between polars versions; signatures are recomputed then
+        # (score_fingerprint includes the polars version).
+        units = flat.hash(seed=cfg.seed).to_numpy().astype(np.uint64, copy=False)
+        word_hashes, word_per_doc = _ngram_hashes(units, lengths, cfg.ngram)
+        # No word token: code-point n-grams of the whitespace-collapsed text.
+        collapsed = norm.str.replace_all(r"\s+", " ").str.strip_chars()
+        fallback = np.flatnonzero((lengths == 0) & (collapsed.str.len_chars().fill_null(0).to_numpy() > 0))
+        self._char_fallback = len(fallback)
+        if not len(fallback):
+            return word_hashes, word_per_doc
+        chars = collapsed.gather(fallback).to_list()
+        char_lengths = np.zeros(len(texts), dtype=np.int64)
+        char_lengths[fallback] = [len(t) for t in chars]
+        points = np.frombuffer("".join(chars).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        char_units = (points.astype(np.uint64) + np.uint64(1)) ^ _CHAR_SALT
+        char_hashes, char_per_doc = _ngram_hashes(char_units, char_lengths, FALLBACK_CHAR_NGRAM)
+        # Merge back into document order (each document has shingles of one kind only).
+        doc = np.arange(len(texts))
+        order = np.argsort(np.concatenate([np.repeat(doc, word_per_doc), np.repeat(doc, char_per_doc)]),
+                           kind="stable")
+        return np.concatenate([word_hashes, char_hashes])[order], word_per_doc + char_per_doc
 
     def signatures(self, texts: pl.Series) -> np.ndarray:
-        """uint32 signatures, one row per text (all 0xFFFFFFFF for a text with no shingles)."""
+        """uint32 signatures, one row per text (all 0xFFFFFFFF for a blank text, which has no shingles;
+        __call__ gives blank rows a null signature and `empty_text`)."""
         hashes, per_doc = self.shingle_hashes(texts)
         n_docs, p = len(per_doc), self.config.num_perm
         sig = np.full((n_docs, p), np.iinfo(np.uint32).max, dtype=np.uint32)
@@ -209,7 +243,8 @@ class MinHashDedup(GlobalStep):
         column = pl.select(pl.when(unusable.is_null()).then(column).otherwise(None)).to_series().alias(SIGNATURE) \
             if df.height else column
         out = df.drop(SIGNATURE, strict=False).with_columns(column)
-        self.stats = {"rows": df.height, "unusable": int(unusable.is_not_null().sum())}
+        self.stats = {"rows": df.height, "unusable": int(unusable.is_not_null().sum()),
+                      "char_fallback": self._char_fallback}
         return mark_drops(out, unusable)
 
     def score_fingerprint(self, *input_fingerprints: str) -> str:

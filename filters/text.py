@@ -114,6 +114,35 @@ def response_expr(df: pl.DataFrame) -> pl.Expr | None:
     return None
 
 
+def message_texts_expr(df: pl.DataFrame) -> pl.Expr:
+    """Each message of the row's conversation as its own text (a list per row, nulls as "").
+
+    The same turns as `conversation_expr` (prompt + chosen for preference rows), not joined:
+    per-message checks (repetition) must not count a response quoting its instruction."""
+    _require_text_columns(df, "the messages")
+
+    def side(column: str) -> pl.Expr:
+        if isinstance(df.schema[column], pl.List):
+            return pl.col(column).list.eval(pl.element().struct.field("content").fill_null("")).fill_null([])
+        return pl.concat_list([_as_utf8(df, column).fill_null("")])
+
+    if "messages" in df.columns:
+        return side("messages")
+    if "instruction" in df.columns:
+        columns = ["instruction", *(["response"] if "response" in df.columns else [])]
+    else:
+        columns = ["prompt", *(["chosen"] if "chosen" in df.columns else [])]
+    parts = [side(c) for c in columns]
+    return pl.concat_list(parts) if len(parts) > 1 else parts[0]
+
+
+def message_texts(df: pl.DataFrame) -> list[list[str]]:
+    """`message_texts_expr` evaluated: one list of message texts per row."""
+    if df.height == 0:
+        return []
+    return [list(m or []) for m in df.select(message_texts_expr(df).alias("m")).to_series().to_list()]
+
+
 def row_text(df: pl.DataFrame, on: TextOn = "instruction") -> pl.Series:
     """The text of each row a filter scores: the instruction only, or the whole conversation."""
     if on == "instruction":

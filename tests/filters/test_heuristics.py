@@ -1,7 +1,10 @@
 import polars as pl
 import pytest
 
-from filters.heuristics import Heuristics, repeated_line_ratio, repeated_ngram_ratio
+from fractions import Fraction
+
+from filters.heuristics import (Heuristics, exact_bound, is_structural_line, repeated_line_counts, repeated_line_ratio,
+                                repeated_ngram_counts, repeated_ngram_ratio)
 from schemas import MESSAGES
 
 
@@ -24,7 +27,7 @@ def test_each_check_has_its_reason_and_score():
     assert out["heur_template_leak"][2] == "<|eot_id|>"
     assert out["heur_instruction_chars"][0] == len("Write a poem about the sea.")
     assert out["heur_response_words"][0] == 6
-    assert out["heur_repeated_line_ratio"][5] == pytest.approx(2 / 5)  # instruction line + 4 response lines
+    assert out["heur_repeated_line_ratio"][5] == 0.5  # per message: 2 of the response's 4 lines repeat
 
 
 @pytest.mark.parametrize("token", ["<|im_start|>", "[INST]", "<start_of_turn>", "<|start_header_id|>"])
@@ -51,7 +54,7 @@ def test_language_restricted_to_a_set():
 
 
 def test_ratios():
-    assert repeated_line_ratio("a\nb\na\n\n") == pytest.approx(1 / 3)
+    assert repeated_line_ratio("a\nb\na\n\n") == 1 / 3
     assert repeated_ngram_ratio("one two three four five six", 5) == 0.0
     assert repeated_ngram_ratio("a b c a b c a b c", 3) == 1.0
 
@@ -68,3 +71,69 @@ def test_messages_layout_and_bad_input():
     empty = frame([], []).cast({"instruction": pl.Utf8, "response": pl.Utf8})
     out = Heuristics()(empty)
     assert out.height == 0 and "keep" in out.columns
+
+
+# ---------------------------------------------------------------- issue 8, fault kind 5
+
+CODE = "def add(a, b):\n    total = a - b  # the bug is on this line of the function\n    return total"
+
+
+def test_a_response_quoting_its_instruction_is_not_repetition():
+    instruction = f"Review this code and fix the bug:\n```python\n{CODE}\n```"
+    response = (f"The function subtracts instead of adding. Here is your code:\n```python\n{CODE}\n```\n"
+                "Change the minus sign to a plus sign and it returns the sum of both numbers.")
+    out = Heuristics()(frame([instruction], [response]))
+    assert out["heur_repeated_ngram_ratio"][0] == 0.0
+    assert out["heur_repeated_line_ratio"][0] == 0.0
+    assert out["drop_reason"][0] is None and out["keep"][0] is True
+    # The same quote in the messages layout, and "fix this sentence".
+    m = [{"role": "user", "content": "Fix this sentence: me and him goes to the big store every single days."},
+         {"role": "assistant", "content": 'You wrote "me and him goes to the big store every single days." '
+                                          'Corrected: "He and I go to the shop daily."'}]
+    df = pl.DataFrame({"id": ["a"], "messages": [m]}, schema={"id": pl.Utf8, "messages": MESSAGES})
+    assert Heuristics()(df)["drop_reason"][0] is None
+    # Repetition inside one message is still caught.
+    assert Heuristics()(frame(["Say hi."], ["hi there my friend how are you " * 6]))["drop_reason"][0] == \
+        "repeated_ngrams"
+
+
+def test_pretty_printed_json_is_kept():
+    import json
+
+    records = json.dumps([{"name": "Ada", "born": 1815}, {"name": "Alan", "born": 1912},
+                          {"name": "Grace", "born": 1906}, {"name": "Linus", "born": 1969}], indent=2)
+    nested = json.dumps({"team": [{"name": "Ada", "langs": ["en", "fr"]}, {"name": "Alan", "langs": ["de"]},
+                                  {"name": "Grace", "langs": ["es", "it"]}, {"name": "Linus", "langs": ["fi"]}]},
+                        indent=2)
+    assert records.count("  },") == 3 and nested.count('"langs": [') == 4
+    for answer in (records, nested):
+        out = Heuristics()(frame(["Give the team as JSON with name and languages."], [answer]))
+        assert out["heur_repeated_line_ratio"][0] == 0.0
+        assert out["drop_reason"][0] is None
+    for line in ("{", "},", "]", "],", "```", "```python", "---", "|---|---|", "</div>", "end", "  fi  ", "",
+                 '"langs": [', "items = {"):
+        assert is_structural_line(line), line
+    for line in ('"name": "Ada",', "return total", "1.", "x = 1", "x = [1, 2]", '"en",'):
+        assert not is_structural_line(line), line
+    # Real content lines still count.
+    assert repeated_line_counts("{\n  a\n  a\n}\n{\n  a\n}") == (2, 3)
+
+
+def test_a_ratio_equal_to_the_bound_is_kept():
+    ten_lines = "\n".join(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "alpha", "beta", "gamma"])
+    assert repeated_line_counts(ten_lines) == (3, 10)
+    assert 1.0 - 7 / 10 > 0.3  # the float trap the old code fell into
+    out = Heuristics(max_repeated_line_ratio=0.3, max_repeated_ngram_ratio=None)(frame(["List ten words."], [ten_lines]))
+    assert out["heur_repeated_line_ratio"][0] == 0.3
+    assert out["drop_reason"][0] is None and out["keep"][0] is True
+    eleven = ten_lines + "\ndelta"  # 4 of 11 > 0.3
+    out = Heuristics(max_repeated_line_ratio=0.3, max_repeated_ngram_ratio=None)(frame(["List words."], [eleven]))
+    assert out["drop_reason"][0] == "repeated_lines"
+    # n-gram ratio: exactly 1/2 of the characters repeated under bound 0.5 is kept, above it dropped.
+    words = "aa bb cc aa bb dd ee ff"  # "aa bb" twice: 8 of 16 characters
+    assert repeated_ngram_counts(words, 2) == (8, 16)
+    keep = Heuristics(ngram=2, max_repeated_ngram_ratio=0.5, max_repeated_line_ratio=None)(frame(["Pair the letters."], [words]))
+    assert keep["drop_reason"][0] is None
+    drop = Heuristics(ngram=2, max_repeated_ngram_ratio=0.49, max_repeated_line_ratio=None)(frame(["Pair the letters."], [words]))
+    assert drop["drop_reason"][0] == "repeated_ngrams"
+    assert exact_bound(0.3) == Fraction(3, 10)

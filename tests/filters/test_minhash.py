@@ -148,3 +148,36 @@ def test_conversation_view():
     assert MinHashDedup(on="instruction").run(df)["keep"].to_list() == [True, False]
     assert MinHashDedup(on="conversation").run(df)["keep"].to_list() == [True, True]
     assert np.array(MinHashDedup()(df)["minhash_signature"].to_list()).shape == (2, 128)
+
+
+# ---------------------------------------------------------------- issue 8, fault kind 2
+
+def test_texts_without_word_tokens_are_not_duplicates_of_each_other():
+    df = pl.DataFrame({"id": ["a", "b", "c", "d"], "instruction": ["🙂🙂🙂", "???", "!!!", "+-*/"]})
+    f = MinHashDedup()
+    out = f.run(df)
+    assert out["keep"].to_list() == [True, True, True, True]
+    assert out["drop_reason"].to_list() == [None, None, None, None]
+    assert out["minhash_cluster"].to_list() == ["a", "b", "c", "d"]
+    assert out["minhash_cluster_size"].to_list() == [1, 1, 1, 1]
+    scored = f(df)
+    assert f.stats["char_fallback"] == 4
+    sig = np.array(scored["minhash_signature"].to_list())
+    assert not (sig == np.iinfo(np.uint32).max).all(axis=1).any()  # no degenerate all-max signature
+    assert len({tuple(s) for s in sig}) == 4
+
+
+def test_symbol_texts_still_dedup_exact_and_char_near_copies():
+    long = "?!?! ... --> <-- ... !?!? ~~~ +++ " * 3
+    df = pl.DataFrame({"id": ["a", "b", "c", "d", "e", "f"],
+                       "instruction": ["???", "???", "🙂🙂🙂", " 🙂🙂🙂 ", long, long + "=="]})
+    out = MinHashDedup().run(df)
+    assert out["drop_reason"].to_list() == [None, DUPLICATE, None, DUPLICATE, None, DUPLICATE]
+    assert out["minhash_cluster"].to_list() == ["a", "a", "c", "c", "e", "e"]
+    # A word text and a symbol text never meet, and mixed rows keep the word path unchanged.
+    words = pl.DataFrame({"id": ["x", "y"], "instruction": ["the cat sat on the mat", "???"]})
+    sig = MinHashDedup().signatures(words["instruction"])
+    alone = MinHashDedup().signatures(pl.Series(["the cat sat on the mat"]))
+    assert (sig[0] == alone[0]).all()
+    assert (sig[0] == sig[1]).mean() < 0.1
+
