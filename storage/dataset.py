@@ -8,9 +8,15 @@ Layout of a dataset folder:
                                   plus the stats the step passed (tokens, seconds...)
     _manifest.json                written last by `commit`: no manifest = dataset not committed
 
-A shard is written rejected part -> stats -> kept part, each to a hidden `.tmp-<uuid>` name and
-renamed into place, so a run killed at any point leaves either a committed shard or one that
-`shard_indices()` does not list (and that a rerun overwrites). Temporary files are never read.
+A shard is written rejected part -> stats -> kept part, each to a hidden
+`.<name>.tmp-<host>~<pid>~<uuid>` name and renamed into place, so a run killed at any point leaves
+either a committed shard or one that `shard_indices()` does not list (and that a rerun
+overwrites). Temporary files are never read, and are removed only when their writer is gone
+(`storage.owner`): two writers of one shard both finish, the last rename wins.
+
+`commit(manifest, expected_shards=...)` refuses to mark a dataset complete while a shard of its
+input has no output shard (e.g. another process removed it), so a partial stage is never
+cached as done. `clear()` removes only the files a dataset writes, never a stranger's.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 import polars as pl
 
+from alignforge.errors import AlignforgeError
 from schemas import conform
+from storage.owner import tmp_is_stale, tmp_suffix
 
 SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 MANIFEST = "_manifest.json"
@@ -34,9 +41,10 @@ STATS_DIR = "_stats"
 # Filter columns: meaningful in rejected/ (why a row was dropped), noise in kept rows.
 INTERNAL_COLUMNS = ("keep", "drop_reason")
 UNSPECIFIED_REASON = "unspecified"
+STATS_RE = re.compile(r"^part-(\d{5})\.json$")
 
 
-class StorageError(OSError):
+class StorageError(AlignforgeError, OSError):
     """A dataset location cannot be read or written; says which path and how to fix it."""
 
 
@@ -137,24 +145,40 @@ class ShardedDataset:
                             f"path you can write to (--out DIR), or fix its permissions / remove the file in the way")
 
     def _atomic_write(self, relative: str, write) -> None:
-        """Write via a hidden tmp name in the same folder, then rename into place."""
+        """Write via a hidden tmp name (owned by this process) in the same folder, then rename."""
         folder, _, name = relative.rpartition("/")
         final = self._join(relative)
-        tmp = self._join(*([folder] if folder else []), f".{name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                write(f)
-            self.fs.mv(tmp, final)
-        except OSError as e:
+        tmp = self._join(*([folder] if folder else []), f".{name}{tmp_suffix()}")
+        for attempt in (1, 2):
             try:
-                self.fs.rm(tmp)
-            except Exception:  # noqa: BLE001 - best effort cleanup of our own tmp file
-                pass
-            raise self._write_error(e) from None
+                with self.fs.open(tmp, "wb") as f:
+                    write(f)
+                self.fs.mv(tmp, final)
+                return
+            except FileNotFoundError as e:
+                # The folder vanished under us (another process cleared it): recreate it once.
+                self._remove_path(tmp)
+                if attempt == 2:
+                    raise self._write_error(e) from None
+                try:
+                    self.fs.makedirs(self._join(folder) if folder else self.path, exist_ok=True)
+                except OSError as e2:
+                    raise self._write_error(e2) from None
+            except OSError as e:
+                self._remove_path(tmp)
+                raise self._write_error(e) from None
 
-    def _remove_stale_tmp(self, name: str, *sub: str) -> None:
+    def _remove_path(self, path: str) -> None:
+        try:
+            self.fs.rm(path)
+        except Exception:  # noqa: BLE001 - best effort cleanup of our own tmp file
+            pass
+
+    def _remove_stale_tmp(self, name: str | None, *sub: str) -> None:
+        """Remove tmp files (of `name`, or all when None) whose writer is gone; live writers' stay."""
+        prefix = f".{name}.tmp-" if name else "."
         for stale in self._names(*sub):
-            if stale.startswith(f".{name}.tmp-"):
+            if stale.startswith(prefix) and ".tmp-" in stale and tmp_is_stale(stale):
                 try:
                     self.fs.rm(self._join(*sub, stale))
                 except FileNotFoundError:
@@ -176,7 +200,7 @@ class ShardedDataset:
         name = shard_name(index)
         if self.committed:
             self._remove(MANIFEST)
-        for sub in ((), (REJECTED_DIR,), (STATS_DIR,)):
+        for sub in ((), (REJECTED_DIR,), (STATS_DIR,)):  # leftovers of killed writers only
             self._remove_stale_tmp(name if sub != (STATS_DIR,) else name.replace(".parquet", ".json"), *sub)
         df = conform(df)
         kept, rejected = split_kept(df)
@@ -199,24 +223,57 @@ class ShardedDataset:
         self._atomic_write(name, lambda f: kept.write_parquet(f))
         return shard_stats
 
-    def commit(self, manifest: dict[str, Any]) -> None:
-        """Write `_manifest.json` atomically: the dataset is complete."""
+    def missing_shards(self, expected_shards: Iterable[int]) -> list[int]:
+        """Indices in `expected_shards` that have no committed shard here."""
+        have = set(self.shard_indices())
+        return sorted(set(int(i) for i in expected_shards) - have)
+
+    def commit(self, manifest: dict[str, Any], *, expected_shards: Iterable[int] | None = None) -> None:
+        """Write `_manifest.json` atomically: the dataset is complete.
+
+        `expected_shards` (e.g. `input_ds.shard_indices()`): refuse with a StorageError, and write
+        nothing, unless exactly these shards are committed here (a missing one: another process
+        removed it or is writing this folder too; an extra one: it belongs to other input)."""
         self._ensure_writable()
-        self._remove_stale_tmp(MANIFEST)
-        for sub in ((), (REJECTED_DIR,), (STATS_DIR,)):
-            for stale in self._names(*sub):
-                if stale.startswith(".") and ".tmp-" in stale:
-                    self._remove("/".join([*sub, stale]))
+        if expected_shards is not None:
+            expected = sorted(set(int(i) for i in expected_shards))
+            have = self.shard_indices()
+            missing = sorted(set(expected) - set(have))
+            extra = sorted(set(have) - set(expected))
+            if missing or extra:
+                what = []
+                if missing:
+                    what.append(f"input shard(s) {_short(missing)} have no output shard "
+                                f"({len(expected) - len(missing)} of {len(expected)} written)")
+                if extra:
+                    what.append(f"output shard(s) {_short(extra)} have no input shard")
+                raise StorageError(
+                    f"refusing to commit dataset {self.url}: {'; '.join(what)}. Another process may have "
+                    f"removed files or be writing this folder at the same time. Fix: make sure no other run "
+                    f"uses this run folder, then rerun the same command (missing shards are recomputed)")
+        self._remove_stale_tmp(None)
+        for sub in ((REJECTED_DIR,), (STATS_DIR,)):
+            self._remove_stale_tmp(None, *sub)
         payload = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
         self._atomic_write(MANIFEST, lambda f: f.write(payload))
 
     def clear(self) -> None:
-        """Delete everything in the dataset folder (e.g. before recomputing from scratch)."""
-        if self.fs.exists(self.path):
-            try:
-                self.fs.rm(self.path, recursive=True)
-            except OSError as e:
-                raise self._write_error(e) from None
+        """Delete the dataset's own files (shards, rejected/, _stats/, manifest, tmp files).
+
+        Files a dataset never writes are left where they are (and so is the folder holding them)."""
+        try:
+            self._remove(MANIFEST)
+            for sub, pattern in (((), SHARD_RE), ((REJECTED_DIR,), SHARD_RE), ((STATS_DIR,), STATS_RE)):
+                for name in self._names(*sub):
+                    if pattern.match(name) or (name.startswith(".part-") and ".tmp-" in name) or \
+                            (not sub and name.startswith(f".{MANIFEST}.tmp-")):
+                        self._remove("/".join([*sub, name]))
+                if sub and self.fs.exists(self._join(*sub)) and not self._names(*sub):
+                    self.fs.rmdir(self._join(*sub))
+            if self.fs.exists(self.path) and not self._names():
+                self.fs.rmdir(self.path)
+        except OSError as e:
+            raise self._write_error(e) from None
         self._checked_writable = False
 
     # ------------------------------------------------------------------------------- reading
@@ -278,3 +335,8 @@ class ShardedDataset:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
+
+
+def _short(indices: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f" ... ({len(indices)} in all)" if len(indices) > limit else "")

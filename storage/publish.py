@@ -15,6 +15,12 @@ default config alone, whatever else is in the folder. `load_dataset(out, "<confi
 
 The whole tree is written into a hidden sibling folder and renamed into place at the end, so a
 killed publish leaves the previous output (or nothing) and a rerun starts clean.
+
+Publishing replaces the output folder only when alignforge recognisably wrote it: its
+`_manifest.json` is a publish manifest and every file in the folder is one that manifest lists
+(`check_publish_target`). Any other non-empty folder is refused before anything is written.
+A run that kept nothing publishes an empty default config (`publish_empty`), so the folder
+never shows an earlier run's rows as if they were this run's.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import json
 import math
 import os
 import posixpath
-import uuid
+import re
 from collections import Counter
 from typing import Any, Mapping
 
@@ -39,11 +45,85 @@ import yaml
 import alignforge
 from schemas import conform
 from storage.dataset import INTERNAL_COLUMNS, UNSPECIFIED_REASON, ShardedDataset, StorageError
+from storage.owner import tmp_is_stale, tmp_suffix
 
 DEFAULT_CONFIG = "default"
 REJECTED_CONFIG = "rejected"
 MAX_ROWS_PER_FILE = 100_000
 MAX_BYTES_PER_FILE = 256 * 1024 * 1024
+PUBLISH_STAGE = "publish@1"
+# Files of the HF layout we write (used for publish folders from before manifests listed their files).
+_LAYOUT_FILE = re.compile(r"^(README\.md|_manifest\.json|[A-Za-z0-9_-]+/[A-Za-z0-9_]+-\d{5}-of-\d{5}\.parquet)$")
+
+
+def _split_url(out_url: str | os.PathLike) -> tuple[str, Any, str]:
+    out = os.fspath(out_url).strip()
+    if not out.split("://", 1)[-1].strip("/"):
+        raise StorageError(f"cannot publish to {out_url!r}: that is no folder of its own (an empty path or a "
+                           f"filesystem root). Fix: choose an output folder, e.g. --out runs/x")
+    out = out.rstrip("/")
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    if not root:
+        raise StorageError(f"cannot publish to {out!r}: it is the root of its filesystem. Fix: choose an output "
+                           f"folder below it, e.g. --out runs/x")
+    return out, fs, root
+
+
+def _read_json(fs, path: str) -> Any:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def foreign_files(out_url: str | os.PathLike) -> list[str]:
+    """Files under `out_url` that alignforge's publish did not write (relative paths, sorted).
+
+    Ours = the folder holds a publish `_manifest.json` and the file is listed in it (or, for
+    manifests without a file list, matches the layout publish writes). No folder -> []."""
+    out, fs, root = _split_url(out_url)
+    if not fs.exists(root):
+        return []
+    if not fs.isdir(root):
+        return [posixpath.basename(root)]
+    prefix = root + "/"
+    files = sorted(p[len(prefix):] if p.startswith(prefix) else posixpath.basename(p)
+                   for p in (q.rstrip("/") for q in fs.find(root, withdirs=False)))
+    manifest = _read_json(fs, posixpath.join(root, "_manifest.json"))
+    if not isinstance(manifest, dict) or not str(manifest.get("stage", "")).startswith("publish@"):
+        return files
+    listed = manifest.get("files")
+    if isinstance(listed, list) and listed:
+        known = set(map(str, listed))
+        return [f for f in files if f not in known]
+    return [f for f in files if not _LAYOUT_FILE.match(f)]
+
+
+def check_publish_target(out_url: str | os.PathLike) -> None:
+    """Raise StorageError unless publishing to `out_url` can only replace what alignforge wrote.
+
+    OK: no folder there, an empty folder, or an earlier publish (its manifest lists every file in
+    it). Refused: a file there, or a folder holding anything else (named in the message, which
+    also says the fix). Writes nothing: call it before a run starts, publish() calls it too."""
+    out, fs, root = _split_url(out_url)
+    try:
+        if fs.exists(root) and not fs.isdir(root):
+            raise StorageError(f"cannot publish to {out}: a file exists there. Fix: remove it or choose "
+                               f"another --out")
+        foreign = foreign_files(out)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot publish to {out} ({type(e).__name__}: {e}). Fix: choose an output path "
+                           f"you can read and write, or fix its permissions") from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise StorageError(
+            f"cannot publish to {out}: the folder holds {len(foreign)} file(s) alignforge did not write "
+            f"({shown}); publishing replaces that folder, so they would be deleted. Nothing was written. "
+            f"Fix: move those files out of {out}, or choose another --out")
 
 
 def _frame(value: Any, what: str) -> pl.DataFrame:
@@ -118,7 +198,10 @@ class _Writer:
             nbytes += table.nbytes
             relative = f"{folder}/{stem}-{i:05d}-of-{n:05d}.parquet"
             buffer = io.BytesIO()
-            pq.write_table(table, buffer, compression="zstd")
+            if table.num_rows:
+                pq.write_table(table, buffer, compression="zstd")
+            else:  # no row group at all: `datasets` then says "corresponds to no data", not an Arrow error
+                pq.ParquetWriter(buffer, table.schema, compression="zstd").close()
             self.write_bytes(relative, buffer.getvalue())
         return {"pattern": f"{folder}/{stem}-*", "num_examples": df.height, "num_bytes": nbytes,
                 "num_files": n, "schema": schema}
@@ -139,7 +222,7 @@ def _features_yaml(schema: pa.Schema) -> list[dict[str, Any]]:
 
 def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: Any = None, test_size: float = 0.0,
             seed: int = 0, card: Mapping[str, Any] | None = None, *, max_rows_per_file: int = MAX_ROWS_PER_FILE,
-            max_bytes_per_file: int = MAX_BYTES_PER_FILE) -> dict[str, Any]:
+            max_bytes_per_file: int = MAX_BYTES_PER_FILE, allow_empty: bool = False) -> dict[str, Any]:
     """Write `configs` ({"default": df, "candidates": df, ...}) to `out_url` in HF layout.
 
     - rows with keep == False in a config move to rejected/ (with their drop_reason), the rest
@@ -150,8 +233,14 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
       given as ShardedDataset contribute their own rejected/ rows;
     - `card`: pretty_name/title, description, method, recipe, license, tags, task_categories,
       language, model, sampling (dict), params (dict), lineage (list of stage manifests or
-      {stage name: manifest}), drop_stats, generated_tokens, tokens_per_second, n_examples.
-    Returns the publish manifest (also written to `_manifest.json`).
+      {stage name: manifest}), drop_stats, generated_tokens, tokens_per_second, n_examples,
+      empty_reason (shown when the default config is empty);
+    - `allow_empty`: a default config without rows is published as a zero-row
+      `data/train-00000-of-00001.parquet` (+ rejected/ + card) instead of raising ValueError, so
+      the previous publish is replaced (`load_dataset` on it then fails: "corresponds to no data").
+    Refuses (StorageError, nothing written) when `out_url` holds files alignforge did not write
+    (see check_publish_target). Returns the publish manifest (also written to `_manifest.json`);
+    its "empty" is True when the default config has no rows.
     """
     card = dict(card or {})
     if DEFAULT_CONFIG not in configs:
@@ -163,24 +252,19 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
     if bad_names:
         raise ValueError(f"publish: config names {bad_names} are reserved or not [A-Za-z0-9_-]; rename them")
 
-    out = os.fspath(out_url).rstrip("/")
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/")
+    out, fs, root = _split_url(out_url)
+    check_publish_target(out)  # before anything is written: never delete files we did not write
     parent, name = posixpath.split(root)
     try:
-        if fs.exists(root) and not fs.isdir(root):
-            raise StorageError(f"cannot publish to {out}: a file exists there. Fix: remove it or choose another --out")
         fs.makedirs(parent or "/", exist_ok=True)
-        for stale in fs.ls(parent or "/", detail=False):  # leftovers of a killed publish
+        for stale in fs.ls(parent or "/", detail=False):  # leftovers of a killed publish (its writer is gone)
             base = posixpath.basename(stale.rstrip("/"))
-            if base.startswith((f".{name}.tmp-", f".{name}.old-")):
+            if base.startswith((f".{name}.tmp-", f".{name}.old")) and (tmp_is_stale(base) or ".tmp-" not in base):
                 fs.rm(stale, recursive=True)
-    except StorageError:
-        raise
     except OSError as e:
         raise StorageError(f"cannot publish to {out} ({type(e).__name__}: {e}). Fix: choose an output path "
                            f"you can write to, or fix its permissions") from None
-    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = posixpath.join(parent, f".{name}{tmp_suffix()}")
     writer = _Writer(fs, tmp)
 
     rejected_parts = [] if rejected is None else [_rejected_frame(rejected)]
@@ -210,12 +294,15 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
                 parts["test"] = df.filter(test_mask)
             # `datasets` cannot load a zero-row split ("corresponds to no data"): leave empty ones out.
             parts = {split: part for split, part in parts.items() if part.height}
+            if not parts and config_name == DEFAULT_CONFIG and allow_empty:
+                parts = {"train": df.head(0)}  # zero rows: keeps `data/` the default for data_dir loads
             if not parts:
                 if config_name == DEFAULT_CONFIG:
                     raise ValueError(
                         f"publish: the default config has no rows to publish ({len(keys)} rows given, "
                         f"{sum(p.height for p in rejected_parts)} rejected). Fix: check the drop reasons "
-                        f"in the stage manifests / rejected/ and loosen the filters, or generate more rows")
+                        f"in the stage manifests / rejected/ and loosen the filters, or generate more rows "
+                        f"(publish_empty / allow_empty=True replaces an earlier publish with this empty result)")
                 continue
             splits_info[config_name] = {
                 split: writer.parquet(folder, split, part, max_rows_per_file, max_bytes_per_file)
@@ -227,9 +314,12 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
                 "rejected", "rejected", rejected_df, max_rows_per_file, max_bytes_per_file)}
         drop_counts = Counter(rejected_df["drop_reason"].to_list()) if rejected_df is not None else Counter()
 
+        default_rows = sum(info["num_examples"] for info in splits_info[DEFAULT_CONFIG].values())
         manifest = {
-            "stage": "publish@1",
+            "stage": PUBLISH_STAGE,
             "url": out,
+            "empty": default_rows == 0,
+            "empty_reason": card.get("empty_reason") if default_rows == 0 else None,
             "configs": {c: {s: {k: v for k, v in info.items() if k != "schema"} for s, info in splits.items()}
                         for c, splits in splits_info.items()},
             "test_size": test_size,
@@ -241,10 +331,13 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
             "alignforge_version": alignforge.__version__,
             "schema_version": alignforge.SCHEMA_VERSION,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            # Every file of this publish: what check_publish_target may replace next time.
+            "files": sorted([*writer.files, "README.md", "_manifest.json"]),
         }
         readme = render_card(splits_info, frames, drop_counts, card, manifest)
         writer.write_bytes("README.md", readme.encode("utf-8"))
         writer.write_bytes("_manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+        check_publish_target(out)  # again: files may have appeared there while we wrote
         _swap_into_place(fs, tmp, root, parent, name)
     except BaseException:
         try:
@@ -252,8 +345,27 @@ def publish(out_url: str | os.PathLike, configs: Mapping[str, Any], rejected: An
         except Exception:  # noqa: BLE001 - cleanup of our own tmp folder only
             pass
         raise
-    manifest["files"] = sorted(writer.files)
     return manifest
+
+
+def publish_empty(out_url: str | os.PathLike, columns: Any = None, *, reason: str, rejected: Any = None,
+                  card: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Publish a run that kept no rows: zero-row default config, `rejected/` and a card saying why.
+
+    Replaces an earlier publish (only one alignforge wrote, see check_publish_target), so the
+    folder always describes the run that just finished. `columns`: a row kind of
+    `schemas.KINDS` ("sft", "preference", ...), a (zero-row) DataFrame giving the columns, or None.
+    `reason` (e.g. "every pair tied: dropped margin_too_small 12") goes into the card and manifest."""
+    if isinstance(columns, str):
+        from schemas import empty
+
+        frame = empty(columns)
+    elif columns is None:
+        frame = pl.DataFrame({"id": pl.Series([], dtype=pl.Utf8)})
+    else:
+        frame = _frame(columns, DEFAULT_CONFIG).head(0)
+    card = {**dict(card or {}), "empty_reason": reason}
+    return publish(out_url, {DEFAULT_CONFIG: frame}, rejected=rejected, card=card, allow_empty=True)
 
 
 def _combine_rejected(parts: list[pl.DataFrame]) -> pl.DataFrame | None:
@@ -279,7 +391,7 @@ def _combine_rejected(parts: list[pl.DataFrame]) -> pl.DataFrame | None:
 
 
 def _swap_into_place(fs, tmp: str, root: str, parent: str, name: str) -> None:
-    old = posixpath.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+    old = posixpath.join(parent, f".{name}.old{tmp_suffix()}")
     if fs.exists(root):
         fs.mv(root, old, recursive=True)
     fs.mv(tmp, root, recursive=True)
@@ -353,6 +465,10 @@ def render_card(splits_info, frames, drop_counts, card, manifest) -> str:
 
     title = card.get("pretty_name") or card.get("title") or "alignforge dataset"
     lines = [f"# {title}", ""]
+    if total_default == 0:
+        lines += [f"**This run kept no rows.** {card.get('empty_reason') or ''}".rstrip(),
+                  "", "The default config is empty (loading it fails with \"corresponds to no data\"); "
+                  "every generated row is in `rejected/` with its drop reason.", ""]
     lines.append(card.get("description") or "Synthetic alignment data generated and filtered with alignforge.")
     if card.get("method"):
         lines += ["", f"Method: {card['method']}."]

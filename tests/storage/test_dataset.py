@@ -126,3 +126,92 @@ def test_shards_with_different_columns_union_on_read(ds):
     ds.write_shard(0, rows(1).with_columns(score=pl.lit(0.5)))
     ds.write_shard(1, rows(1, start=1))
     assert ds.read()["score"].to_list() == [0.5, None]
+
+
+# ---------------------------------------------------------------- two writers, vanished files (issue 16)
+
+def _tmp_of(ds, name, pid, host=None):
+    from storage.owner import HOST
+
+    return ds._join(f".{name}.tmp-{host or HOST}~{pid}~{'a' * 32}")
+
+
+def test_a_live_writers_tmp_file_survives_another_writer_of_the_same_shard(tmp_path):
+    import subprocess
+    import sys
+
+    ds = ShardedDataset(tmp_path / "ds")
+    ds.write_shard(0, rows(1))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = _tmp_of(ds, "part-00000.parquet", other.pid)
+        ds.fs.pipe(live, b"in flight")
+        ds.write_shard(0, rows(3))           # the second writer of shard 0
+        ds.commit({"n": 3})                  # and its commit
+        assert ds.fs.exists(live), "another live process's tmp file was deleted"
+    finally:
+        other.kill()
+        other.wait()
+    ds.write_shard(0, rows(2))               # now its writer is dead: the leftover goes
+    assert not ds.fs.exists(live)
+    assert ds.read().height == 2
+
+
+def test_two_threads_writing_one_shard_both_finish(tmp_path):
+    import threading
+
+    ds = ShardedDataset(tmp_path / "ds")
+    errors = []
+
+    def write():
+        try:
+            for _ in range(10):
+                ShardedDataset(tmp_path / "ds").write_shard(0, rows(50))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert ds.shard_indices() == [0] and ds.read().height == 50
+
+
+def test_write_recreates_a_folder_another_process_removed(tmp_path):
+    import shutil
+
+    ds = ShardedDataset(tmp_path / "ds")
+    ds.write_shard(0, rows(2))
+    shutil.rmtree(tmp_path / "ds")
+    ds.write_shard(1, rows(2, start=2))
+    assert ds.shard_indices() == [1]
+
+
+def test_commit_refuses_when_an_input_shard_has_no_output_shard(ds):
+    for i in range(3):
+        ds.write_shard(i, rows(2, start=2 * i))
+    ds._remove("part-00001.parquet")         # another process removed it
+    with pytest.raises(StorageError, match=r"refusing to commit .*input shard\(s\) 1 have no output shard "
+                                           r"\(2 of 3 written\).*Fix: make sure no other run"):
+        ds.commit({"n": 6}, expected_shards=[0, 1, 2])
+    assert not ds.committed
+    assert ds.missing_shards(range(3)) == [1]
+    with pytest.raises(StorageError, match=r"output shard\(s\) 2 have no input shard"):
+        ds.commit({"n": 4}, expected_shards=[0])
+    ds.write_shard(1, rows(2, start=2))
+    ds.commit({"n": 6}, expected_shards=[2, 1, 0])
+    assert ds.committed
+
+
+def test_clear_removes_only_dataset_files(ds):
+    ds.write_shard(0, rows(4, drop_every=2))
+    ds.commit({"n": 2})
+    ds.fs.pipe(ds._join("notes.txt"), b"mine")
+    ds.clear()
+    assert ds._names() == ["notes.txt"] and not ds.committed and ds.shard_indices() == []
+    ds.fs.rm(ds._join("notes.txt"))
+    ds.write_shard(0, rows(1))
+    ds.clear()
+    assert not ds.exists()

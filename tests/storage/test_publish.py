@@ -6,7 +6,8 @@ import polars as pl
 import pytest
 
 import schemas
-from storage import ShardedDataset, build_manifest, publish
+from storage import (ShardedDataset, StorageError, build_manifest, check_publish_target, foreign_files, publish,
+                     publish_empty)
 from storage.publish import in_test_split
 
 datasets = pytest.importorskip("datasets")
@@ -176,3 +177,112 @@ def test_sharded_dataset_config_brings_its_rejected_rows_when_none_given(tmp_pat
     result = publish(tmp_path / "pub", {"default": stage})
     assert result["dropped_by_reason"] == {"deita_quality": 2}
     assert result["configs"]["default"]["train"]["num_examples"] == 4
+
+
+# ---------------------------------------------------------------- never delete what we did not write (issue 16)
+
+def test_publish_refuses_a_folder_of_user_files_and_writes_nothing(tmp_path):
+    out = tmp_path / "myproject" / "publish"
+    out.mkdir(parents=True)
+    (out / "thesis.docx").write_bytes(b"years of work")
+    (out / "README.md").write_text("my notes")
+    before = sorted(os.listdir(tmp_path / "myproject"))
+    for call in (lambda: check_publish_target(out), lambda: publish(out, {"default": sft_rows(3)})):
+        with pytest.raises(StorageError, match=r"cannot publish to .*publish: the folder holds 2 file\(s\) alignforge "
+                                               r"did not write \(README.md, thesis.docx\).*Fix: move those files"):
+            call()
+    assert (out / "thesis.docx").read_bytes() == b"years of work" and (out / "README.md").read_text() == "my notes"
+    assert sorted(os.listdir(tmp_path / "myproject")) == before  # no tmp folder either
+
+
+def test_publish_replaces_its_own_folder_but_not_files_added_to_it(tmp_path):
+    out = tmp_path / "pub"
+    check_publish_target(out)                      # nothing there: fine
+    out.mkdir()
+    check_publish_target(out)                      # empty folder: fine
+    first = publish(out, {"default": sft_rows(4)})
+    assert "data/train-00000-of-00001.parquet" in first["files"] and "_manifest.json" in first["files"]
+    check_publish_target(out)                      # our own publish: fine
+    publish(out, {"default": sft_rows(2)})         # replaced
+    (out / "data" / "my-notes.txt").write_text("keep me")
+    with pytest.raises(StorageError, match=r"data/my-notes.txt"):
+        publish(out, {"default": sft_rows(3)})
+    assert (out / "data" / "my-notes.txt").read_text() == "keep me"
+    assert pl.read_parquet(out / "data" / "train-00000-of-00001.parquet").height == 2
+
+
+def test_a_dataset_manifest_is_not_a_publish_manifest(tmp_path):
+    stage = ShardedDataset(tmp_path / "stage")
+    stage.write_shard(0, sft_rows(2))
+    stage.commit(build_manifest(step_name="magpie", step_version=1, dataset=stage))
+    with pytest.raises(StorageError, match="did not write"):
+        publish(tmp_path / "stage", {"default": sft_rows(2)})
+    assert stage.read().height == 2
+
+
+def test_publish_manifest_without_file_list_is_recognised_by_layout(tmp_path):
+    out = tmp_path / "pub"
+    publish(out, {"default": sft_rows(3)})
+    manifest = json.loads((out / "_manifest.json").read_text())
+    del manifest["files"]                          # a publish by an older alignforge
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    assert foreign_files(out) == []
+    (out / "thesis.docx").write_text("x")
+    assert foreign_files(out) == ["thesis.docx"]
+
+
+def test_a_killed_publish_of_a_live_process_is_not_cleaned_up_by_another(tmp_path):
+    import subprocess
+    import sys
+
+    from storage.owner import HOST
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".pub.tmp-{HOST}~{other.pid}~{'b' * 32}"
+        live.mkdir()
+        publish(tmp_path / "pub", {"default": sft_rows(2)})
+        assert live.exists()
+    finally:
+        other.kill()
+        other.wait()
+    publish(tmp_path / "pub", {"default": sft_rows(2)})
+    assert not live.exists()
+
+
+def test_empty_publish_replaces_the_previous_run(tmp_path):
+    out = tmp_path / "pub"
+    publish(out, {"default": sft_rows(30)}, card={"sampling": {"temperature": 0.8}})
+    rejected = sft_rows(4).with_columns(keep=pl.lit(False), drop_reason=pl.lit("margin_too_small"))
+    manifest = publish_empty(out, "preference", reason="every pair tied (margin_too_small 4)", rejected=rejected,
+                             card={"sampling": {"temperature": 0.0}})
+    assert manifest["empty"] is True and manifest["empty_reason"].startswith("every pair tied")
+    assert manifest["sampling"] == {"temperature": 0.0}
+    on_disk = json.loads((out / "_manifest.json").read_text())
+    assert on_disk["empty"] and on_disk["configs"]["default"]["train"]["num_examples"] == 0
+    data = pl.read_parquet(out / "data" / "train-00000-of-00001.parquet")
+    assert data.height == 0 and {"prompt", "chosen", "rejected"} <= set(data.columns)
+    assert pl.read_parquet(out / "rejected" / "rejected-00000-of-00001.parquet")["drop_reason"].to_list() == [
+        "margin_too_small"] * 4
+    card = (out / "README.md").read_text()
+    assert "**This run kept no rows.** every pair tied (margin_too_small 4)" in card
+    # A trainer gets an error, never the previous run's rows and never the rejected ones.
+    with pytest.raises(ValueError, match="corresponds to no data"):
+        load("parquet", data_dir=str(out), tmp_path=tmp_path)
+    publish(out, {"default": sft_rows(3)})        # an empty publish is ours: replaced next time
+    assert json.loads((out / "_manifest.json").read_text())["empty"] is False
+
+
+def test_empty_default_without_allow_empty_still_raises_and_keeps_the_folder(tmp_path):
+    out = tmp_path / "pub"
+    publish(out, {"default": sft_rows(3)})
+    with pytest.raises(ValueError, match="no rows to publish.*publish_empty"):
+        publish(out, {"default": sft_rows(2).with_columns(keep=pl.lit(False))})
+    manifest = publish(out, {"default": sft_rows(2).with_columns(keep=pl.lit(False))}, allow_empty=True)
+    assert manifest["empty"] and manifest["dropped_by_reason"] == {"unspecified": 2}
+
+
+@pytest.mark.parametrize("bad", ["", "/", "memory://"])
+def test_publish_to_no_folder_is_refused(bad):
+    with pytest.raises(StorageError, match="cannot publish to"):
+        check_publish_target(bad)
