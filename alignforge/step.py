@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from schemas import SchemaError, row_id, stable_hash
 
 __all__ = ["StepConfig", "Step", "EngineStep", "GlobalStep", "carry_drops", "derive_ids", "shard_decisions",
-           "ordered_scores", "require_ids", "require_columns", "StepError"]
+           "ordered_scores", "require_ids", "require_columns", "StepError", "sample_seed"]
 
 
 class StepError(SchemaError):
@@ -49,6 +49,8 @@ class Step:
     source: ClassVar[bool] = False
     # True: needs an engine (`self.engine`); the runner hands it the recipe's engine.
     needs_engine: ClassVar[bool] = False
+    # False: shards run one after another (the step drives a model or its own process pool).
+    parallel_shards: ClassVar[bool] = True
 
     def __init__(self, config: StepConfig | None = None, **overrides: Any):
         if config is None:
@@ -95,6 +97,11 @@ class EngineStep(Step):
 
 
 # ---------------------------------------------------------------- helpers every step shares
+
+def sample_seed(*parts: Any) -> int:
+    """A per-request sampling seed from the config seed + row identity + purpose (31-bit, vLLM-safe)."""
+    return int(stable_hash("sampling-seed", *parts), 16) % (2**31 - 1)
+
 
 def carry_drops(df: pl.DataFrame, reasons: pl.Series | pl.Expr | Sequence[str | None]) -> pl.DataFrame:
     """AND-combine this step's verdict into `keep` / `drop_reason`.

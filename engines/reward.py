@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
+from schemas import SchemaError
 
 # Reasons a single pair gets a null score.
 EMPTY_RESPONSE = "empty_response"
@@ -49,7 +50,7 @@ class RewardResult:
     reason: str | None = None
 
 
-class RewardModelError(RuntimeError):
+class RewardModelError(SchemaError):
     """The reward model can't be used at all. `reason` is the drop reason a flow records per row."""
 
     def __init__(self, message: str, *, reason: str = "reward_model_error"):

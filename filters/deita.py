@@ -41,6 +41,7 @@ from pydantic import Field
 from engines.base import Sampling
 from alignforge.step import GlobalStep
 from alignforge.step import Step, StepConfig
+from schemas import SchemaError
 
 # Released scorer input formats (hkust-nlp/deita-complexity-scorer, -quality-scorer), verbatim.
 COMPLEXITY_TEMPLATE = ("You are a helpful assistant. Please identify the complexity score of the following "
@@ -55,7 +56,7 @@ DROP_OVER_BUDGET = "deita_over_budget"
 DROP_UNSCORED = "deita_unscored"
 
 
-class DeitaError(ValueError):
+class DeitaError(SchemaError):
     """A Deita input or model that can't be scored; the message says what, where and how to fix it."""
 
 
@@ -564,6 +565,7 @@ class DeitaFilterConfig(StepConfig):
 class DeitaFilter(GlobalStep):
     """Deita end to end: complexity + quality + embedding per shard; score-first diverse selection."""
 
+    parallel_shards = False  # drives a model / its own worker pool: one shard at a time
     name: ClassVar[str] = "deita"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StepConfig]] = DeitaFilterConfig

@@ -84,6 +84,7 @@ def greedy_dedup(emb: np.ndarray, threshold: float, block_size: int = 2048,
 
 
 class SemDedup(GlobalStep):
+    parallel_shards = False  # drives a model / its own worker pool: one shard at a time
     name: ClassVar[str] = "semdedup"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StepConfig]] = SemDedupConfig

@@ -237,6 +237,7 @@ def load_target_texts(path: str, on: TextOn = "conversation") -> list[str]:
 
 
 class ZipFit(GlobalStep):
+    parallel_shards = False  # drives a model / its own worker pool: one shard at a time
     name: ClassVar[str] = "zipfit"
     version: ClassVar[int] = 1
     Config: ClassVar[type[StepConfig]] = ZipFitConfig

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignforge.errors import AlignforgeError
+
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
+class UsageError(AlignforgeError):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
@@ -48,111 +50,6 @@ def configure_environment(verbose: bool) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# ---------------------------------------------------------------- params
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """["a=1", "deita.budget=6000"] -> {"a": 1, "deita": {"budget": 6000}}; values are YAML scalars."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set {item!r}: expected key=value (e.g. --set n=50)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--set {key}: can't parse value {raw!r} as YAML ({str(exc).splitlines()[0]})") from None
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UsageError(f"--set {key}: {part!r} is set to a value and used as a section")
-        node[parts[-1]] = value
-    return out
-
-
-def _valid_keys(model: type, prefix: str = "") -> list[str]:
-    return [key for key, *_ in _flat_fields(model, prefix)]
-
-
-def check_keys(model: type, values: dict[str, Any], *, source: str, prefix: str = "") -> None:
-    """Unknown keys -> UsageError listing the valid ones (nested sections with dots)."""
-    from pydantic import BaseModel
-
-    for key, value in values.items():
-        field = model.model_fields.get(key)
-        if field is None:
-            raise UsageError(f"{source}: unknown key {prefix + key!r}; valid keys: {', '.join(_valid_keys(model, prefix))}")
-        ann = field.annotation
-        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
-            check_keys(ann, value, source=source, prefix=f"{prefix}{key}.")
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _field_type(model: type, loc: tuple) -> str:
-    from pydantic import BaseModel
-
-    current: Any = model
-    ann: Any = None
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            break
-        ann = current.model_fields[part].annotation
-        current = ann
-    if ann is None:
-        return "?"
-    return getattr(ann, "__name__", None) if isinstance(ann, type) else str(ann).replace("typing.", "")
-
-
-def build_params(name: str, params_model: type, default_yaml: Path, recipe_file: str | None,
-                 sets: list[str], out: str | None):
-    import yaml
-    from pydantic import ValidationError
-
-    values: dict[str, Any] = {}
-    for path, label in ((default_yaml, f"recipe {name} defaults ({default_yaml})"), (recipe_file, f"--recipe {recipe_file}")):
-        if path is None:
-            continue
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise UsageError(f"--recipe {path}: file not found") from None
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{label}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"{label}: expected a mapping of parameter: value, got {type(loaded).__name__}")
-        loaded = loaded.get("params", loaded) if set(loaded) <= {"recipe", "params"} else loaded
-        loaded = {k: v for k, v in loaded.items() if k != "recipe"}
-        check_keys(params_model, loaded, source=label)
-        values = _merge(values, loaded)
-    overrides = parse_set(sets)
-    check_keys(params_model, overrides, source="--set")
-    values = _merge(values, overrides)
-    if out is not None:
-        if "out" not in params_model.model_fields:
-            raise UsageError(f"recipe {name} has no output folder parameter; drop --out")
-        values["out"] = out
-    try:
-        return params_model(**values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise UsageError(f"parameter {key}={err.get('input')!r}: expected {_field_type(params_model, tuple(err['loc']))} "
-                         f"({err['msg']}); fix it with --set {key}=...") from None
 
 
 def check_writable(out: str) -> None:
@@ -190,45 +87,26 @@ def preflight_model(model: str | None) -> None:
 
 # ---------------------------------------------------------------- commands
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [UsageError]
-    try:
-        from engines.embedded import ModelError
-
-        errors.append(ModelError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from engines.chat_template import ChatTemplateError
-
-        errors.append(ChatTemplateError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from schemas import SchemaError
-
-        errors.append(SchemaError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.recipes import RECIPES, recipe
+    from flows.recipe import load_recipe
+    from flows.runner import run_recipe
 
-    if args.recipe_name not in RECIPES:
-        raise UsageError(f"unknown recipe {args.recipe_name!r}; known recipes: {', '.join(sorted(RECIPES))}")
-    flow_fn, params_model, default_yaml = recipe(args.recipe_name)
-    params = build_params(args.recipe_name, params_model, default_yaml, args.recipe, args.set or [], args.out)
-    if hasattr(params, "out"):
-        check_writable(params.out)
-    if "model" in params_model.model_fields:
-        preflight_model(params.model)
+    recipe = load_recipe(args.recipe_name, sets=args.set or [], out=args.out, overlay=args.recipe)
+    out = (recipe.out or f"runs/{recipe.name}")
+    check_writable(out)
+    if any(_needs_chat_model(spec.name) for spec in recipe.enabled_steps()) and not isinstance(recipe.model, dict):
+        preflight_model(recipe.model)
     started = time.perf_counter()
-    result = flow_fn(params)
+    result = run_recipe(recipe, workers=args.workers, out=out)
     wall = time.perf_counter() - started
-    print_result(args.recipe_name, result, wall)
+    print_result(recipe.name, result, wall)
     return 0
+
+
+def _needs_chat_model(step_name: str) -> bool:
+    from flows.steps import step_class
+
+    return bool(getattr(step_class(step_name), "needs_engine", False))
 
 
 def print_result(name: str, result: Any, wall: float) -> None:
@@ -270,28 +148,54 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from pydantic_core import PydanticUndefined
+    from flows.recipe import builtin_recipes, load_recipe
 
-    from flows.recipes import RECIPES, recipe
-
-    for name in sorted(RECIPES):
+    for name, path in builtin_recipes().items():
         try:
-            flow_fn, params_model, default_yaml = recipe(name)
-        except Exception as exc:  # one broken recipe must not hide the others
-            print(f"{name}: (can't load: {type(exc).__name__}: {exc})")
+            recipe = load_recipe(str(path))
+        except AlignforgeError as exc:  # one broken recipe must not hide the others
+            print(f"{name}: (can't load: {exc})")
             continue
-        doc = (getattr(flow_fn, "description", None) or getattr(flow_fn, "__doc__", None) or "").strip().splitlines()
-        print(f"{name}: {doc[0] if doc else ''}")
-        print(f"  defaults: {default_yaml}")
-        for key, type_name, default, description in _flat_fields(params_model):
-            shown = "required" if default is PydanticUndefined else f"default {default!r}"
-            print(f"  --set {key}=...  ({type_name}, {shown})" + (f"  {description}" if description else ""))
+        print(f"{name}: {recipe.description}")
+        print(f"  file: {path}")
+        print(f"  steps: {' -> '.join(s.name + ('' if s.enabled else ' (off)') for s in recipe.steps)}")
+        print(f"  publish: {recipe.publish.format}")
+        for key, target in recipe.params.items():
+            shown = ", ".join(target) if isinstance(target, list) else target
+            print(f"  --set {key}=...  -> {shown}")
+    print("\nany step field: --set steps.<step>.<field>=... (alignforge steps lists every field)")
     return 0
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    from flows.steps import STEPS, step_class
+
+    names = [args.name] if getattr(args, "name", None) else list(STEPS)
+    for name in names:
+        if name not in STEPS:
+            raise UsageError(f"unknown step {name!r}; valid steps: {', '.join(STEPS)}")
+        try:
+            cls = step_class(name)
+        except ImportError as exc:
+            print(f"{name}: (can't import: {exc})")
+            continue
+        doc = (cls.__doc__ or "").strip().splitlines()
+        kind = "source" if cls.source else ("global" if hasattr(cls, "select") else "map")
+        print(f"{name}  [{kind}{', engine' if cls.needs_engine else ''}]  {doc[0] if doc else ''}")
+        for key, type_name, default, description in _flat_fields(cls.Config):
+            print(f"  {key}: {type_name} = {default!r}" + (f"  {description}" if description else ""))
+    return 0
+
+
+def _field_type(model: type, name: str) -> str:
+    ann = model.model_fields[name].annotation
+    return getattr(ann, "__name__", None) if isinstance(ann, type) else str(ann).replace("typing.", "")
 
 
 def _flat_fields(model: type, prefix: str = "") -> list[tuple[str, str, Any, str | None]]:
     """(dotted key, type, default, description) for every leaf field; nested sections flattened."""
     from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
 
     rows = []
     for name, field in model.model_fields.items():
@@ -300,13 +204,15 @@ def _flat_fields(model: type, prefix: str = "") -> list[tuple[str, str, Any, str
             rows += _flat_fields(ann, f"{prefix}{name}.")
         else:
             default = field.default_factory() if field.default_factory is not None else field.default
-            rows.append((prefix + name, _field_type(model, (name,)), default, field.description))
+            rows.append((prefix + name, _field_type(model, name), "required" if default is PydanticUndefined
+                         else default, field.description))
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.recipes import RECIPES
+    from flows.recipe import builtin_recipes
 
+    RECIPES = list(builtin_recipes())
     parser = argparse.ArgumentParser(
         prog="alignforge",
         description="Turn language models into alignment datasets (Prefect flows over vLLM).",
@@ -318,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a recipe", description="Run a recipe (a Prefect flow) locally.",
                          epilog=f"recipes: {', '.join(sorted(RECIPES))}")
-    run.add_argument("recipe_name", metavar="RECIPE", help=f"one of: {', '.join(sorted(RECIPES))}")
-    run.add_argument("--recipe", metavar="FILE.yaml", help="parameter file (overrides the recipe defaults)")
+    run.add_argument("recipe_name", metavar="RECIPE",
+                     help=f"a recipe file (my_recipe.yaml) or a built-in recipe: {', '.join(sorted(RECIPES))}")
+    run.add_argument("--recipe", metavar="FILE.yaml", help="overrides file (keys as for --set, nested)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="threads for CPU steps' shards (default: CPU cores); output is the same for any N")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override one parameter (YAML scalar; nested keys with dots: deita.budget=6000)")
+                     help="override one setting (YAML scalar): n=50, steps.minhash.threshold=0.7, deita.budget=6000")
     run.add_argument("--out", metavar="DIR", help="run folder (the dataset is published to DIR/publish)")
     run.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
@@ -336,8 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild even if it exists")
     prepare.set_defaults(func=cmd_model_prepare)
 
-    recipes = sub.add_parser("recipes", help="list recipes and their parameters")
+    recipes = sub.add_parser("recipes", help="list built-in recipe files, their steps and --set short names")
     recipes.set_defaults(func=cmd_recipes)
+
+    steps = sub.add_parser("steps", help="list every step with its config fields, types, defaults and help")
+    steps.add_argument("name", nargs="?", help="one step only")
+    steps.set_defaults(func=cmd_steps)
     return parser
 
 
@@ -357,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignforge: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except _known_errors() as exc:
+    except AlignforgeError as exc:
         if verbose:
             raise
         print(f"alignforge: error: {exc}", file=sys.stderr)

@@ -1,101 +1,47 @@
-"""Map steps over sharded datasets, resumably. Prefect wiring only: no row logic here.
+"""One runner for every recipe and every step kind. Prefect wiring only: no row logic here.
 
 Layout of a run folder:
 
-    <run>/stages/<step.name>-<fingerprint[:12]>/part-NNNNN.parquet, rejected/, _manifest.json
-    <run>/.prefect/                  Prefect task results (cache key = stage fingerprint)
+    <run>/stages/<step.name>-<fingerprint[:12]>/part-NNNNN.parquet, rejected/, _stats/, _manifest.json
+    <run>/publish/                   the published dataset (storage.publish)
 
-The fingerprint hashes the step (name, version, config), the input's fingerprint and the engine's
-model id: a config change gets a new folder and recomputes; an unchanged one resumes, skipping
-committed shards, and a committed stage (manifest present) is not touched at all.
+Fingerprint rule (one for all steps): hash(step name, version, config, input fingerprint, engine
+model id). A source's fingerprint covers its content (seed count, or the input file's bytes), so
+an edited input recomputes. A config change gets a new folder; an unchanged one resumes, skipping
+committed shards; a committed stage (manifest present) is not touched at all.
+
+Step kinds:
+- map steps: each shard -> one output shard. CPU steps map their shards as Prefect tasks on the
+  flow's task runner (`workers` threads); engine steps send whole shards to the engine one after
+  another (the engine batches a shard per call). Output is the same whatever `workers` is.
+- global steps: score per shard (a map stage whose fingerprint covers only the score fields) ->
+  select over all kept rows (one task) -> mark per shard.
+Every shard's stats (rows in / kept / dropped by reason, seconds, ALL of `step.stats`) land in
+`_stats/` and are summed into the manifest.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Mapping
 
 import polars as pl
 
+from alignforge.step import GlobalStep, Step, shard_decisions
 from schemas import row_id, stable_hash
-from alignforge.step import Step
 
 SEEDS_ORIGIN = "seeds@1"
+# Score columns kept in score stages (for re-selection) but never published.
+HEAVY_COLUMNS = ("minhash_signature", "semdedup_embedding", "deita_embedding")
 
 
-# ---------------------------------------------------------------- engine handle
-
-class LazyEngine:
-    """An engine handle that starts the real engine (vLLM, ~25 s) only when generation is asked for.
-
-    `model_id` and `tokenizer` work without starting it, so fingerprints, template checks and
-    fully cached reruns never pay the engine start-up."""
-
-    def __init__(self, model: str | None = None, **options: Any):
-        self.model = model
-        self.options = options
-        self._engine = None
-        self._tokenizer = None
-
-    @property
-    def model_id(self) -> str:
-        from engines.embedded import EMBEDDED_MODEL_NAME
-
-        # Stable across machines: the embedded model by name, not by its cache path.
-        return EMBEDDED_MODEL_NAME if self.model in (None, "", "embedded") else str(self.model)
-
-    @property
-    def started(self) -> bool:
-        return self._engine is not None
-
-    def get(self):
-        if self._engine is None:
-            try:
-                from engines import get_engine
-            except ImportError:  # older engines package: no process cache, build one directly
-                from engines.vllm_engine import VLLMEngine as get_engine
-            self._engine = get_engine(self.model, **self.options)
-        return self._engine
-
-    @property
-    def tokenizer(self):
-        if self._engine is not None:
-            return self._engine.tokenizer
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from engines.embedded import resolve_model
-
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.model))
-        return self._tokenizer
-
-    @property
-    def stats(self):
-        return getattr(self._engine, "stats", None)
-
-    def complete(self, *args, **kwargs):
-        return self.get().complete(*args, **kwargs)
-
-    def chat(self, *args, **kwargs):
-        return self.get().chat(*args, **kwargs)
-
-    def next_token_logprobs(self, *args, **kwargs):
-        return self.get().next_token_logprobs(*args, **kwargs)
-
-    def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
-
-
-def _engine_id(engine: Any) -> str | None:
-    return None if engine is None else str(getattr(engine, "model_id", None) or type(engine).__name__)
-
-
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- small helpers
 
 def _storage():
     import storage
@@ -117,6 +63,13 @@ def fingerprint_of(ds: Any) -> str:
         raise RuntimeError(f"input dataset {getattr(ds, 'url', ds)} is not committed (no _manifest.json): "
                            "finish the stage that writes it first")
     return str(manifest["fingerprint"])
+
+
+def engine_id(engine: Any) -> str | None:
+    if engine is None:
+        return None
+    identity = getattr(engine, "identity", None)
+    return str(identity or getattr(engine, "model_id", None) or type(engine).__name__)
 
 
 def _quiet() -> bool:
@@ -161,6 +114,30 @@ def summary_line(name: str, summary: Mapping[str, Any], *, cached: bool = False)
     return line + (" (cached)" if cached else "")
 
 
+def _shard_stats(rows_in: int, df: pl.DataFrame, seconds: float, step_stats: Mapping[str, Any] | None) -> dict:
+    drops = _count_drops(df)
+    step_stats = dict(step_stats or {})
+    return {"rows_in": rows_in, "rows_out": df.height - sum(drops.values()), "dropped": drops,
+            "generated_tokens": int(step_stats.get("generated_tokens", 0) or 0), "seconds": round(seconds, 3),
+            "step": step_stats}
+
+
+def _commit(out: Any, *, name: str, version: int, config: Any, fingerprint: str, input_fps: list[str],
+            engines: list[str], started: float, expected: list[int] | None, label: str,
+            extra: Mapping[str, Any] | None = None) -> Any:
+    storage = _storage()
+    summary = stage_summary(out)
+    kwargs = {"expected_shards": expected} if expected is not None else {}
+    out.commit(storage.build_manifest(
+        step_name=name, step_version=version, config=config, fingerprint=fingerprint,
+        input_fingerprints=input_fps, engine_models=engines, dataset=out,
+        timings={"seconds": round(time.perf_counter() - started, 3), "step_seconds": round(summary["seconds"], 3)},
+        extra={"summary": summary, **(extra or {})}), **kwargs)
+    _say(summary_line(label, summary))
+    _artifact(label, out)
+    return out
+
+
 # ---------------------------------------------------------------- sources
 
 def seed_shards(n: int, shard_size: int, run_url: str) -> Any:
@@ -173,7 +150,9 @@ def seed_shards(n: int, shard_size: int, run_url: str) -> Any:
     if ds.committed:
         return ds
     done = set(ds.shard_indices())
+    expected = []
     for i, start in enumerate(range(0, n, shard_size)):
+        expected.append(i)
         if i in done:
             continue
         seeds = list(range(start, min(n, start + shard_size)))
@@ -187,55 +166,180 @@ def seed_shards(n: int, shard_size: int, run_url: str) -> Any:
                                      "seconds": 0.0, "dropped": {}})
     ds.commit(storage.build_manifest(step_name="seeds", step_version=1, config={"n": n, "shard_size": shard_size},
                                      fingerprint=fingerprint, input_fingerprints=[], engine_models=[],
-                                     dataset=ds, timings={"seconds": 0.0}))
+                                     dataset=ds, timings={"seconds": 0.0}), expected_shards=expected)
     return ds
 
 
-# ---------------------------------------------------------------- run one step over all shards
+def content_hash(path: str) -> str:
+    """Hash of a file's or folder's bytes (names + contents, sorted): an edited row recomputes."""
+    h = hashlib.blake2b(digest_size=16)
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
-def step_fingerprint(step: Step, input_ds: Any, engine: Any = None) -> str:
-    engine = engine if engine is not None else getattr(step, "engine", None)
-    return step.fingerprint(fingerprint_of(input_ds), engine_id=_engine_id(engine))
+
+def _read_input(path: str, mapping: Any, kind: str) -> pl.DataFrame:
+    from schemas.mapping import load_rows
+
+    folder = Path(path)
+    if folder.is_dir() and (folder / "data").is_dir():  # our published layout: data/{train,test}-*.parquet
+        files = sorted((folder / "data").glob("*.parquet"))
+        if not files:
+            from schemas import SchemaError
+
+            raise SchemaError(f"input {path!r} has a data/ folder without parquet files", dataset=path,
+                              fix="point --set input= at a published alignforge folder, a parquet or jsonl file")
+        frame = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+        return load_rows(frame, mapping=mapping, kind=kind, dataset=path)
+    if folder.is_dir() and (folder / "_manifest.json").exists():  # a committed stage folder
+        frame = _storage().ShardedDataset(str(folder)).read()
+        return load_rows(frame, mapping=mapping, kind=kind, dataset=path)
+    return load_rows(path, mapping=mapping, kind=kind)
 
 
-def run_step(step: Step, input_ds: Any, run_url: str, *, desc: str | None = None, engine: Any = None) -> Any:
-    """Map `step` over every committed shard of `input_ds` into `<run_url>/stages/<name>-<fp12>`.
-
-    Resumable: shards already written are skipped; the manifest is committed last, and a committed
-    output is returned untouched. `engine` (if given) is handed to the step. Prints one summary line."""
+def input_stage(spec: Any, shard_size: int, run_url: str) -> Any:
+    """The recipe's input rows as a committed sharded stage; fingerprint = content of the input."""
     storage = _storage()
-    if engine is not None:
-        step.engine = engine
-    engine = getattr(step, "engine", None)
+    if not spec.path:
+        from flows.recipe import RecipeError
+
+        raise RecipeError("the recipe reads input rows but no input path is set. Fix: --set input=FILE "
+                          "(parquet / jsonl / json, or a published alignforge folder)")
+    if "://" not in spec.path and not Path(spec.path).exists():
+        from schemas import SchemaError
+
+        raise SchemaError(f"input {spec.path!r} does not exist", dataset=spec.path,
+                          fix="check the path given to --set input=")
+    digest = content_hash(spec.path) if "://" not in spec.path else spec.path
+    fingerprint = stable_hash("input", 2, digest, spec.mapping, spec.kind, shard_size)
+    ds = storage.ShardedDataset(stage_url(run_url, "input", fingerprint))
+    if ds.committed:
+        return ds
+    rows = _read_input(spec.path, spec.mapping, spec.kind)
+    if "keep" not in rows.columns:
+        rows = rows.with_columns(pl.lit(True).alias("keep"), pl.lit(None, dtype=pl.Utf8).alias("drop_reason"))
+    done = set(ds.shard_indices())
+    expected = list(range(max(1, -(-rows.height // shard_size))))
+    for i in expected:
+        if i in done:
+            continue
+        part = rows.slice(i * shard_size, shard_size)
+        ds.write_shard(i, part, stats=_shard_stats(part.height, part, 0.0, None))
+    ds.commit(storage.build_manifest(step_name="input", step_version=2, config=spec.model_dump(mode="json"),
+                                     fingerprint=fingerprint, input_fingerprints=[], engine_models=[], dataset=ds,
+                                     timings={"seconds": 0.0}, extra={"content_hash": digest}),
+              expected_shards=expected)
+    _say(summary_line("input", stage_summary(ds)))
+    return ds
+
+
+# ---------------------------------------------------------------- map steps
+
+def _map_shard(step: Step, input_url: str, out_url: str, index: int) -> dict:
+    """One shard through one step (a fresh shallow copy: per-shard stats, shared engine)."""
+    storage = _storage()
+    input_ds, out = storage.ShardedDataset(input_url), storage.ShardedDataset(out_url)
+    df_in = input_ds.read_shard(index)
+    worker = copy.copy(step)
+    worker.stats = {}
+    t0 = time.perf_counter()
+    df_out = worker(df_in)
+    drop = [c for c in getattr(step, "_drop_after", ()) if c in df_out.columns]
+    if drop:
+        df_out = df_out.drop(drop)
+    return out.write_shard(index, df_out, stats=_shard_stats(df_in.height, df_out, time.perf_counter() - t0,
+                                                           worker.stats))
+
+
+class ScorePhase(Step):
+    """A global step's per-shard scoring as a map step whose fingerprint covers score fields only."""
+
+    def __init__(self, step: GlobalStep):
+        self.step = step
+        self.config = step.config
+        self.name = f"{step.name}_score"  # type: ignore[misc]
+        self.version = step.version  # type: ignore[misc]
+        self.stats = {}
+        self.needs_engine = step.needs_engine  # type: ignore[misc]
+        self.parallel_shards = getattr(step, "parallel_shards", True)
+        if hasattr(step, "engine"):
+            self.engine = step.engine
+
+    def fingerprint(self, *input_fingerprints: str, engine_id: str | None = None) -> str:
+        return self.step.score_fingerprint(*input_fingerprints, engine_id=engine_id)
+
+    def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
+        worker = copy.copy(self.step)
+        out = worker(df)
+        self.stats = worker.stats
+        return out
+
+
+def run_map(step: Step, input_ds: Any, run_url: str, *, engine: Any = None, workers: int = 1,
+            label: str | None = None) -> Any:
+    """Map `step` over every committed shard of `input_ds` into `<run>/stages/<name>-<fp12>`, resumably."""
+    storage = _storage()
+    label = label or step.name
     input_fp = fingerprint_of(input_ds)
-    fingerprint = step.fingerprint(input_fp, engine_id=_engine_id(engine))
+    uses_engine = engine is not None and (getattr(step, "needs_engine", False) or getattr(step, "engine", None) is not None)
+    eid = engine_id(engine) if uses_engine else None
+    fingerprint = step.fingerprint(input_fp, engine_id=eid)
     out = storage.ShardedDataset(stage_url(run_url, step.name, fingerprint))
-    label = desc or step.name
     if out.committed:
         _say(summary_line(label, stage_summary(out), cached=True))
         return out
-
     started = time.perf_counter()
-    todo = [i for i in input_ds.shard_indices() if i not in set(out.shard_indices())]
-    for i in _progress(todo, label):
-        df_in = input_ds.read_shard(i)
-        t0 = time.perf_counter()
-        df_out = step(df_in)
-        seconds = time.perf_counter() - t0
-        drops = _count_drops(df_out)
-        stats = {"rows_in": df_in.height, "rows_out": df_out.height - sum(drops.values()), "dropped": drops,
-                 "generated_tokens": int((getattr(step, "stats", None) or {}).get("generated_tokens", 0) or 0),
-                 "seconds": round(seconds, 3)}
-        out.write_shard(i, df_out, stats=stats)
-    summary = stage_summary(out)
-    out.commit(storage.build_manifest(
-        step_name=step.name, step_version=step.version, config=step.config.model_dump(mode="json"),
-        fingerprint=fingerprint, input_fingerprints=[input_fp],
-        engine_models=[_engine_id(engine)] if engine is not None else [], dataset=out,
-        timings={"seconds": round(time.perf_counter() - started, 3), "step_seconds": round(summary["seconds"], 3)},
-        extra={"summary": summary}))
-    _say(summary_line(label, summary))
-    return out
+    indices = input_ds.shard_indices()
+    done = set(out.shard_indices())
+    todo = [i for i in indices if i not in done]
+    parallel = workers > 1 and not uses_engine and getattr(step, "parallel_shards", True)
+    _run_shards(step, input_ds.url, out.url, todo, label, parallel=parallel)
+    return _commit(out, name=step.name, version=step.version, config=step.config.model_dump(mode="json"),
+                   fingerprint=fingerprint, input_fps=[input_fp], engines=[eid] if eid else [], started=started,
+                   expected=indices, label=label)
+
+
+def _run_shards(step: Step, input_url: str, out_url: str, todo: list[int], label: str, *, parallel: bool) -> None:
+    """Shards as Prefect tasks: mapped on the flow's task runner (CPU) or one after another (engine)."""
+    task = _shard_task(label)
+    if task is None:  # outside a Prefect flow (tests, library use): plain loop
+        for i in _progress(todo, label):
+            _map_shard(step, input_url, out_url, i)
+        return
+    if parallel and len(todo) > 1:
+        futures = task.map(step, input_url, out_url, todo, _unmapped=True)
+        for future in futures:
+            future.result()
+    else:
+        for i in _progress(todo, label):
+            task(step, input_url, out_url, i)
+
+
+def _shard_task(label: str):
+    try:
+        from prefect.context import FlowRunContext
+    except ImportError:  # pragma: no cover
+        return None
+    if FlowRunContext.get() is None:
+        return None
+    from prefect import task, unmapped
+    from prefect.cache_policies import NO_CACHE
+
+    fn = task(_map_shard, name=f"{label} shard", cache_policy=NO_CACHE, persist_result=False, log_prints=False)
+
+    class _Mapped:
+        def map(self, step, input_url, out_url, indices, _unmapped=True):
+            return fn.map(unmapped(step), unmapped(input_url), unmapped(out_url), indices)
+
+        def __call__(self, *args):
+            return fn(*args)
+
+    return _Mapped()
 
 
 def _progress(items: list, label: str):
@@ -246,143 +350,65 @@ def _progress(items: list, label: str):
     return tqdm(items, desc=f"{label} shards", unit="shard", file=sys.stderr, leave=False)
 
 
-# ---------------------------------------------------------------- global selections
+# ---------------------------------------------------------------- global steps
 
-def run_global(name: str, select: Callable[[pl.LazyFrame], pl.DataFrame], input_ds: Any, run_url: str, *,
-               config: Mapping[str, Any] | Any = None, version: int = 1, desc: str | None = None) -> Any:
-    """A selection over ALL rows (dedup clusters, budgets, top-k), then marked per shard.
+def run_global(step: GlobalStep, input_ds: Any, run_url: str, *, engine: Any = None, workers: int = 1,
+               label: str | None = None) -> Any:
+    """Score per shard (own stage, reused when only selection settings change) -> select over all
+    rows -> mark per shard into `<run>/stages/<name>-<fp12>`."""
+    label = label or step.name
+    scored = run_map(ScorePhase(step), input_ds, run_url, engine=engine, workers=workers, label=f"{label} (score)")
+    return select_and_mark(step, scored, run_url, label=label)
 
-    `select(lazy_frame_of_all_kept_rows)` returns a DataFrame with `id`, `keep` (bool) and
-    `drop_reason`, plus optional extra columns (e.g. `minhash_cluster`) joined onto the rows.
-    Rows absent from the selection keep their state. Output: `<run>/stages/<name>-<fp12>`;
-    fingerprint = hash(name, version, config, input fingerprint). Resumable like run_step."""
+
+def select_and_mark(step: GlobalStep, scored: Any, run_url: str, *, label: str) -> Any:
     storage = _storage()
-    if hasattr(config, "model_dump"):
-        config = config.model_dump(mode="json")
-    config = dict(config or {})
-    input_fp = fingerprint_of(input_ds)
-    fingerprint = stable_hash(name, version, config, [input_fp], None)
-    out = storage.ShardedDataset(stage_url(run_url, name, fingerprint))
-    label = desc or name
+    input_fp = fingerprint_of(scored)
+    fingerprint = step.fingerprint(input_fp)
+    out = storage.ShardedDataset(stage_url(run_url, step.name, fingerprint))
     if out.committed:
         _say(summary_line(label, stage_summary(out), cached=True))
         return out
     started = time.perf_counter()
-    decisions = select(input_ds.scan())
-    missing = {"id", "keep", "drop_reason"} - set(decisions.columns)
-    if missing:
-        raise ValueError(f"run_global {name!r}: the select function must return columns id, keep, drop_reason; "
-                         f"missing {sorted(missing)}")
-    decisions = decisions.rename({"keep": "_sel_keep", "drop_reason": "_sel_reason"})
+    indices = scored.shard_indices()
+    wanted = ["id", *step.select_columns(), *[c for c in [getattr(step.config, "order_by", None)] if c]]
+    parts = []
+    heights = []
+    for i in indices:
+        lf = pl.scan_parquet(scored.url + "/" + f"part-{i:05d}.parquet") if scored.is_local else \
+            scored.read_shard(i).lazy()
+        names = lf.collect_schema().names()
+        part = lf.select([c for c in dict.fromkeys(wanted) if c in names]).collect()
+        parts.append(part)
+        heights.append(part.height)
+    all_scores = (pl.concat(parts, how="diagonal_relaxed") if parts
+                  else pl.DataFrame({"id": []}, schema={"id": pl.Utf8}))
+    decisions = step.select(all_scores)
     select_seconds = time.perf_counter() - started
     done = set(out.shard_indices())
-    for i in input_ds.shard_indices():
+    heavy = set(HEAVY_COLUMNS) | set(getattr(step, "heavy_columns", ()))
+    for i, part in zip(indices, shard_decisions(decisions, heights)):
         if i in done:
             continue
         t0 = time.perf_counter()
-        df_in = input_ds.read_shard(i)
-        extra_cols = [c for c in decisions.columns if c not in ("id", "_sel_keep", "_sel_reason") and c in df_in.columns]
-        df = df_in.drop(extra_cols).join(decisions, on="id", how="left")
-        old_keep = pl.col("keep").fill_null(True) if "keep" in df.columns else pl.lit(True)
-        old_reason = pl.col("drop_reason") if "drop_reason" in df.columns else pl.lit(None, dtype=pl.Utf8)
-        df = df.with_columns(
-            (old_keep & pl.col("_sel_keep").fill_null(True)).alias("keep"),
-            pl.when(~old_keep).then(old_reason)
-            .when(~pl.col("_sel_keep").fill_null(True)).then(pl.col("_sel_reason").fill_null(name))
-            .otherwise(None).cast(pl.Utf8).alias("drop_reason"),
-        ).drop("_sel_keep", "_sel_reason")
-        write_marked_shard(out, i, df, rows_in=df_in.height, started=t0)
-    commit_global(out, name=name, version=version, config=config, fingerprint=fingerprint, input_fp=input_fp,
-                  started=started, select_seconds=select_seconds, label=label)
-    return out
+        shard = scored.read_shard(i)
+        marked = step.mark(shard, part)
+        marked = marked.drop([c for c in heavy if c in marked.columns])
+        out.write_shard(i, marked, stats=_shard_stats(shard.height, marked, time.perf_counter() - t0, None))
+    return _commit(out, name=step.name, version=step.version, config=step.config.model_dump(mode="json"),
+                   fingerprint=fingerprint, input_fps=[input_fp], engines=[], started=started, expected=indices,
+                   label=label, extra={"select_stats": dict(step.stats), "select_seconds": round(select_seconds, 3)})
 
 
-def write_marked_shard(out: Any, index: int, df: pl.DataFrame, *, rows_in: int, started: float) -> None:
-    """Write one shard of a global phase (keep / drop_reason already marked) with its stats."""
-    drops = _count_drops(df)
-    out.write_shard(index, df, stats={"rows_in": rows_in, "rows_out": df.height - sum(drops.values()),
-                                      "dropped": drops, "generated_tokens": 0,
-                                      "seconds": round(time.perf_counter() - started, 3)})
-
-
-def commit_global(out: Any, *, name: str, version: int, config: dict, fingerprint: str, input_fp: str,
-                  started: float, select_seconds: float, label: str, extra: dict | None = None) -> dict:
-    """Commit a global phase's manifest (select time included) and print its summary line."""
-    summary = stage_summary(out)
-    summary["seconds"] += select_seconds
-    out.commit(_storage().build_manifest(
-        step_name=name, step_version=version, config=config, fingerprint=fingerprint,
-        input_fingerprints=[input_fp], engine_models=[], dataset=out,
-        timings={"seconds": round(time.perf_counter() - started, 3), "select_seconds": round(select_seconds, 3)},
-        extra={"summary": summary, **(extra or {})}))
-    _say(summary_line(label, summary))
-    return summary
-
-
-# ---------------------------------------------------------------- Prefect tasks (cache key = fingerprint)
-
-def _result_storage(run_url: str):
-    if "://" in run_url and not run_url.startswith("file://"):
-        return None  # remote run folder: Prefect's default result storage
-    from prefect.filesystems import LocalFileSystem
-
-    path = os.path.join(os.path.abspath(run_url.removeprefix("file://")), ".prefect")
-    # Prefect 3 wants result storage saved server-side: one block per run folder, named by its path.
-    name = f"alignforge-run-{stable_hash(path, length=12)}"
-    try:
-        LocalFileSystem(basepath=path).save(name, overwrite=True)
-    except Exception as exc:  # the run still works, its task results then live in Prefect's default storage
-        _say(f"[prefect] could not register result storage at {path} ({type(exc).__name__}); using the default")
-        return None
-    return f"local-file-system/{name}"
-
-
-def _step_cache_key(context, parameters: dict) -> str | None:
-    """Stage fingerprint, but only while its output is committed: a deleted folder recomputes."""
-    storage = _storage()
-    step, input_url, run_url = parameters["step"], parameters["input_url"], parameters["run_url"]
-    input_ds = storage.ShardedDataset(input_url)
-    if not input_ds.committed:
-        return None
-    fingerprint = step_fingerprint(step, input_ds, parameters.get("engine"))
-    return fingerprint if storage.ShardedDataset(stage_url(run_url, step.name, fingerprint)).committed else None
-
-
-def _global_cache_key(context, parameters: dict) -> str | None:
-    storage = _storage()
-    input_ds = storage.ShardedDataset(parameters["input_url"])
-    if not input_ds.committed:
-        return None
-    config = parameters.get("config")
-    if hasattr(config, "model_dump"):
-        config = config.model_dump(mode="json")
-    fingerprint = stable_hash(parameters["name"], parameters.get("version", 1), dict(config or {}),
-                              [fingerprint_of(input_ds)], None)
-    url = stage_url(parameters["run_url"], parameters["name"], fingerprint)
-    return fingerprint if storage.ShardedDataset(url).committed else None
-
-
-def _step_task_fn(step: Step, input_url: str, run_url: str, desc: str | None = None, engine: Any = None) -> dict:
-    ds = run_step(step, _storage().ShardedDataset(input_url), run_url, desc=desc, engine=engine)
-    _artifact(desc or step.name, ds)
-    return {"url": ds.url if hasattr(ds, "url") else str(ds), "manifest": ds.manifest()}
-
-
-def _global_task_fn(name: str, select: Callable, input_url: str, run_url: str, config: Any = None,
-                    version: int = 1, desc: str | None = None) -> dict:
-    ds = run_global(name, select, _storage().ShardedDataset(input_url), run_url, config=config, version=version,
-                    desc=desc)
-    _artifact(desc or name, ds)
-    return {"url": ds.url if hasattr(ds, "url") else str(ds), "manifest": ds.manifest()}
-
+# ---------------------------------------------------------------- observability
 
 def _artifact(label: str, ds: Any) -> None:
     """A Prefect markdown artifact per stage: kept / dropped by reason, throughput."""
     try:
         from prefect.artifacts import create_markdown_artifact
-        from prefect.context import TaskRunContext
+        from prefect.context import FlowRunContext
 
-        if TaskRunContext.get() is None:
+        if FlowRunContext.get() is None:
             return
         s = stage_summary(ds)
         rows = "\n".join(f"| {k} | {v} |" for k, v in s["dropped"].items()) or "| (none) | 0 |"
@@ -402,24 +428,80 @@ def _artifact_key(label: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-") or "stage"
 
 
-def step_task(step: Step, input_ds: Any, run_url: str, *, desc: str | None = None, engine: Any = None) -> Any:
-    """run_step as a Prefect task (cache key = stage fingerprint, results in <run>/.prefect)."""
-    from prefect import task
+# ---------------------------------------------------------------- the run
 
-    storage = _storage()
-    fn = task(_step_task_fn, name=desc or step.name, cache_key_fn=_step_cache_key, persist_result=True,
-              result_storage=_result_storage(run_url), log_prints=False)
-    result = fn(step, input_ds.url, run_url, desc=desc, engine=engine)
-    return storage.ShardedDataset(result["url"])
+def run_steps(recipe: Any, run_url: str, *, engine: Any, workers: int) -> list[tuple[str, Any]]:
+    """Every enabled step of `recipe`, in order; returns [(label, committed stage)] incl. sources."""
+    from engines.lifetime import release_for
+    from flows.recipe import build_steps
+
+    stages: list[tuple[str, Any]] = []
+    current = None
+    if recipe.input is not None:
+        current = input_stage(recipe.input, recipe.shard_size, run_url)
+        stages.append(("input", current))
+    for step in build_steps(recipe):
+        own_model = bool(getattr(step.config, "model", None))
+        if getattr(step, "needs_engine", False) or (hasattr(step, "engine") and not own_model):
+            step.engine = engine
+        release_for(generates=bool(getattr(step, "needs_engine", False)), loads_own_model=own_model, chat=engine)
+        if step.source:
+            if current is not None:
+                from flows.recipe import RecipeError
+
+                raise RecipeError(f"{recipe.source}: step {step.name!r} generates rows from nothing, but it follows "
+                                  "other steps / an input. Fix: make it the first step and drop `input:`")
+            current = seed_shards(int(step.config.n), recipe.shard_size, run_url)
+            stages.append(("seeds", current))
+        step_engine = engine if (getattr(step, "needs_engine", False) or hasattr(step, "engine")) else None
+        if isinstance(step, GlobalStep):
+            current = run_global(step, current, run_url, engine=step_engine, workers=workers)
+        else:
+            current = run_map(step, current, run_url, engine=step_engine, workers=workers)
+        step.close()
+        stages.append((step.name, current))
+    return stages
 
 
-def global_task(name: str, select: Callable, input_ds: Any, run_url: str, *, config: Any = None, version: int = 1,
-                desc: str | None = None) -> Any:
-    """run_global as a Prefect task (cache key = its fingerprint)."""
-    from prefect import task
+def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, out: str | None = None) -> dict:
+    """Run a recipe as one Prefect flow and publish its dataset. Returns the run summary.
 
-    storage = _storage()
-    fn = task(_global_task_fn, name=desc or name, cache_key_fn=_global_cache_key, persist_result=True,
-              result_storage=_result_storage(run_url), log_prints=False)
-    result = fn(name, select, input_ds.url, run_url, config=config, version=version, desc=desc)
-    return storage.ShardedDataset(result["url"])
+    `engine`: an engines.base.Engine to use instead of starting one on `recipe.model` (tests); the
+    caller keeps ownership. `workers`: threads for CPU steps' shards (default: CPU cores)."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    workers = int(workers or os.cpu_count() or 1)
+    run_url = (out or recipe.out or f"runs/{recipe.name}").rstrip("/") or "."
+
+    @flow(name=recipe.name, task_runner=ThreadPoolTaskRunner(max_workers=workers), log_prints=False,
+          validate_parameters=False)
+    def alignforge_run() -> dict:
+        return execute(recipe, run_url, engine=engine, workers=workers)
+
+    return alignforge_run()
+
+
+def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1) -> dict:
+    """The body of a run (usable inside any flow): steps, then publish."""
+    from engines.lifetime import LazyEngine, release_all
+    from flows.publishing import publish_run
+
+    owned = engine is None
+    chat = LazyEngine(recipe.model) if owned else engine
+    try:
+        stages = run_steps(recipe, run_url, engine=chat, workers=workers)
+    finally:
+        if owned:
+            release_all(chat)
+    return publish_run(recipe, stages, run_url, model_id=engine_id(chat))
+
+
+def run(recipe: str | Any, sets: Mapping[str, Any] | list[str] | None = None, *, out: str | None = None,
+        engine: Any = None, workers: int | None = None) -> dict:
+    """Load a recipe (built-in name, file, or a Recipe), apply `sets` ({"n": 8} or ["n=8"]) and run it."""
+    from flows.recipe import Recipe, load_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, sets=dict(sets) if isinstance(sets, Mapping) else sets, out=out)
+    return run_recipe(recipe, engine=engine, workers=workers, out=out)

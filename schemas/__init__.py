@@ -2,6 +2,13 @@
 
 Every row carries `id` (stable content hash), `parent_id` (row it was derived from, null for
 roots) and `origin` (`stage@version`). Conversations are `messages: list<struct<role, content>>`.
+
+Tool-calling conversations (OpenAI / TRL format) carry the optional message fields in
+TOOL_FIELDS as extra struct fields: `tool_calls` (on an assistant turn, whose `content` may then
+be null or ""), `tool_call_id` (on a tool turn) and `name`. Only columns whose input has them
+get these fields, so plain conversations keep `list<struct<role, content>>` exactly. A parquet
+struct has one set of fields per column, so a message without a field reads back with it null;
+`clean_messages` removes those nulls again (what the row looked like when imported).
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from typing import Any
 
 import polars as pl
 
+from alignforge.errors import AlignforgeError
+
 MESSAGE = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
 MESSAGES = pl.List(MESSAGE)
 
@@ -21,7 +30,7 @@ LINEAGE = {"id": pl.Utf8, "parent_id": pl.Utf8, "origin": pl.Utf8}
 KEEP = {"keep": pl.Boolean, "drop_reason": pl.Utf8}
 
 
-class SchemaError(ValueError):
+class SchemaError(AlignforgeError, ValueError):
     """Bad input: names the dataset, column and row, and says how to fix it."""
 
     def __init__(self, message: str, *, dataset: str | None = None, column: str | None = None,
@@ -38,7 +47,9 @@ class SchemaError(ValueError):
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """Deterministic hex digest of JSON-serialisable parts (same input -> same id on any machine)."""
     payload = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
-    return hashlib.blake2b(payload.encode("utf-8"), digest_size=length // 2 if length <= 128 else 64).hexdigest()
+    # surrogatepass: a lone surrogate (e.g. from a "\\ud83d" JSON escape) hashes instead of raising;
+    # it changes nothing for valid text.
+    return hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=length // 2 if length <= 128 else 64).hexdigest()
 
 
 def row_id(origin: str, *content: Any) -> str:
@@ -51,6 +62,10 @@ def row_id(origin: str, *content: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 ROLES = ("system", "user", "assistant", "tool")
+# Optional message fields of tool-calling conversations (OpenAI / TRL / HF chat-template format):
+# tool_calls: [{id, type: "function", function: {name, arguments}}] on an assistant turn,
+# tool_call_id on a tool turn answering that call, name (tool / participant name).
+TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 # One candidate answer of a listwise / pluralistic row; stages may add fields (seed, reward...).
 CANDIDATE = pl.Struct({"content": pl.Utf8, "score": pl.Float64})
 CANDIDATES = pl.List(CANDIDATE)
@@ -117,17 +132,27 @@ def message(role: str, content: str) -> dict[str, str]:
 def to_messages(prompt: str | list | None = None, response: str | None = None, *,
                 system: str | None = None) -> list[dict[str, str]]:
     """Build a conversation: optional system turn, the user prompt (a string, or a message list
-    used as is), then the assistant response if given."""
+    used as is, tool fields included), then the assistant response if given."""
     out: list[dict[str, str]] = []
     if system:
         out.append(message("system", system))
     if isinstance(prompt, str):
         out.append(message("user", prompt))
     elif prompt is not None:
-        out.extend({"role": m["role"], "content": m["content"]} for m in prompt)
+        out.extend(clean_messages(prompt))
     if response is not None:
         out.append(message("assistant", response))
     return out
+
+
+def clean_messages(messages: list | None) -> list[dict[str, Any]] | None:
+    """Messages as plain dicts without null optional fields: `role` and `content` always (content
+    may be null on a tool-calling assistant turn), tool fields and others only where set. Undoes
+    the nulls a struct column adds to messages that lacked a field other messages have."""
+    if messages is None:
+        return None
+    return [{k: v for k, v in dict(m).items() if k in ("role", "content") or v is not None}
+            for m in messages]
 
 
 def assistant_turn(text: str) -> list[dict[str, str]]:
@@ -148,8 +173,10 @@ def validate(df: pl.DataFrame, kind: str = "sft", *, dataset: str | None = None)
     row naming dataset, column and row index (and its id), and saying how to fix it.
 
     Checks: required columns present with the right dtype; `id` non-null and unique; message
-    lists non-empty with known roles and non-empty content; SFT conversations end with an
-    assistant turn; preference `chosen`/`rejected` are assistant turns; candidates have content.
+    lists non-empty with known roles and non-empty content (an assistant turn with tool_calls may
+    have null / empty content); SFT conversations end with an assistant turn; preference
+    `chosen`/`rejected` start and end with an assistant turn (the rest of a multi-turn
+    continuation may sit between); candidates have content.
     Rows already quarantined (`keep == False`) are only checked for ids: their content may be
     the very reason they were dropped.
     """
@@ -265,9 +292,15 @@ def _check_messages(live: pl.DataFrame, column: str, dataset, kind: str) -> None
     content = pl.element().struct.field("content")
     _first_bad_expr(live, col.list.eval(~role.is_in(ROLES).fill_null(False)).list.any(), dataset, column,
                     "message with an unknown role", fix)
-    _first_bad_expr(live, col.list.eval(content.is_null() | (content.str.strip_chars() == "")).list.any(),
+    no_content = content.is_null() | (content.str.strip_chars() == "")
+    fields = _message_fields(live.schema[column])
+    if "tool_calls" in fields:  # an assistant tool call needs no text
+        calls = (pl.element().struct.field("tool_calls").list.len() > 0).fill_null(False)
+        no_content = no_content & ~(calls & (role == "assistant"))
+    _first_bad_expr(live, col.list.eval(no_content).list.any(),
                     dataset, column, "message with empty or null content", fix)
     last_role = col.list.last().struct.field("role")
+    first_role = col.list.first().struct.field("role")
     if kind == "sft" and column == "messages":
         _first_bad_expr(live, last_role != "assistant", dataset, column,
                         "conversation does not end with an assistant turn",
@@ -277,7 +310,14 @@ def _check_messages(live: pl.DataFrame, column: str, dataset, kind: str) -> None
                         "prompt ends with an assistant turn",
                         "the prompt holds the conversation up to the user turn; put answers in chosen/rejected")
     if kind == "preference" and column in ("chosen", "rejected"):
-        _first_bad_expr(live, col.list.eval(role != "assistant").list.any(), dataset, column,
-                        f"{column} holds a non-assistant message",
-                        f"{column} must be the assistant turn only (TRL explicit-prompt format): "
-                        "[{'role': 'assistant', 'content': ...}]; move the prompt into `prompt`")
+        _first_bad_expr(live, (first_role != "assistant") | (last_role != "assistant"), dataset, column,
+                        f"{column} does not start and end with an assistant turn",
+                        f"{column} holds the answer (TRL explicit-prompt format): "
+                        "[{'role': 'assistant', 'content': ...}], optionally followed by later turns of the "
+                        "same conversation; move the prompt into `prompt`")
+
+
+def _message_fields(dtype: pl.DataType) -> set[str]:
+    if isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct):
+        return {f.name for f in dtype.inner.fields}
+    return set()

@@ -11,15 +11,16 @@ Pure logic over an engine: every shard is ONE batched engine call per generation
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from typing import Any, Sequence
 
 import polars as pl
 from pydantic import Field
 
-from engines.base import Engine, GenerationResult, Sampling
-from schemas import MESSAGES, row_id, stable_hash
-from alignforge.step import EngineStep, Step, StepConfig
+from engines.base import GenerationResult, Sampling
+from schemas import MESSAGES, row_id
+from alignforge.step import EngineStep, StepConfig, StepError, sample_seed
+from engines.chat_template import (header_token_ids, pre_query_prefix, stop_strings, stop_token_ids,
+                                   template_tokens)
 
 # Our wording of Magpie-MT's follow-up system prompt (used only while sampling follow-up queries).
 FOLLOWUP_SYSTEM_PROMPT = (
@@ -36,7 +37,6 @@ _QUERY_LABEL = re.compile(
 )
 
 
-_TEMPLATE_MARKER = re.compile(r"<\|[^|<>\s]+\|>|<｜[^｜<>]+｜>|</?[a-z_]+_of_turn>|\[/?INST\]")
 
 
 def sanitize_instruction(text: str) -> str:
@@ -52,89 +52,7 @@ def sanitize_instruction(text: str) -> str:
     return text.strip()
 
 
-def sample_seed(*parts: Any) -> int:
-    """A per-request sampling seed derived from config seed + row identity (31-bit, vLLM-safe)."""
-    return int(stable_hash("sampling-seed", *parts), 16) % (2**31 - 1)
-
-
 # ---------------------------------------------------------------- chat-template helpers
-
-def _template_api():
-    from engines import chat_template
-
-    return chat_template
-
-
-def pre_query_prefix(tokenizer: Any, system: str | None = None,
-                     history: Sequence[dict[str, str]] = ()) -> str:
-    return _template_api().pre_query_prefix(tokenizer, system=system, history=history)
-
-
-def assistant_header(tokenizer: Any) -> str:
-    """What the template adds for the assistant's turn ("<|im_start|>assistant" for ChatML)."""
-    return _template_api().assistant_header(tokenizer).strip()
-
-
-def stop_strings(tokenizer: Any, *, early_stop: bool) -> tuple[str, ...]:
-    """End-of-turn stops + the assistant header (+ newline for single-line queries)."""
-    stops = [s for s in _template_api().end_of_turn_stops(tokenizer) if isinstance(s, str) and s]
-    header = assistant_header(tokenizer)
-    if header:
-        stops.append(header)
-    if early_stop:
-        stops.append("\n")
-    return tuple(dict.fromkeys(stops))
-
-
-def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.append(eos)
-    for stop in _template_api().end_of_turn_stops(tokenizer):
-        if isinstance(stop, int):
-            ids.append(stop)
-        elif isinstance(stop, str):
-            tid = tokenizer.convert_tokens_to_ids(stop) if hasattr(tokenizer, "convert_tokens_to_ids") else None
-            unk = getattr(tokenizer, "unk_token_id", None)
-            if isinstance(tid, int) and tid != unk:
-                ids.append(tid)
-    return tuple(dict.fromkeys(ids))
-
-
-def template_tokens(tokenizer: Any) -> tuple[str, ...]:
-    """Strings that must never appear in a query or answer: the tokenizer's special tokens and
-    the template's own markers (end-of-turn stops, assistant header)."""
-    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
-    found.update(s for s in _template_api().end_of_turn_stops(tokenizer) if isinstance(s, str))
-    # Markers the template itself writes ("<|im_start|>", "<start_of_turn>", "[INST]"), found by rendering.
-    sample = _template_api().render(tokenizer, [{"role": "user", "content": "a"},
-                                                {"role": "assistant", "content": "b"}], add_generation_prompt=False)
-    found.update(_TEMPLATE_MARKER.findall(sample))
-    header = assistant_header(tokenizer)
-    if header:
-        found.add(header)
-    return tuple(sorted(t for t in found if t and len(t) > 1 and not t.isspace()))
-
-
-@lru_cache(maxsize=8)
-def _header_token_ids(tokenizer: Any) -> tuple[int, ...]:
-    """Ids of tokens whose text starts with "#" (markdown headers), to bias at the first position."""
-    vocab = tokenizer.get_vocab()
-    ids = []
-    for token, tid in vocab.items():
-        text = tokenizer.convert_tokens_to_string([token])
-        if text.lstrip().startswith("#"):
-            ids.append(tid)
-    return tuple(sorted(ids))
-
-
-def header_token_ids(tokenizer: Any) -> tuple[int, ...]:
-    try:
-        return _header_token_ids(tokenizer)
-    except TypeError:  # unhashable tokenizer object: compute without the cache
-        return _header_token_ids.__wrapped__(tokenizer)
-
 
 def check_query(text: str, completion_finish: str | None, leak_tokens: Sequence[str], *, sanitize: bool,
                 stops: Sequence[str]) -> tuple[str, str | None]:
@@ -174,6 +92,7 @@ def _first(result: GenerationResult):
 # ---------------------------------------------------------------- instructions
 
 class MagpieInstructionsConfig(StepConfig):
+    n: int = Field(200, ge=0, description="queries to sample (one per seed row; rows dropped later still count)")
     seed: int = 0
     system_prompts: tuple[str, ...] = Field(
         default=(), description="optional system-prompt variants placed in the pre-query template; one "
@@ -182,7 +101,7 @@ class MagpieInstructionsConfig(StepConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=1)
     early_stop: bool = Field(True, description="stop at the first newline: single-line queries")
-    sanitize: bool = Field(False, description="cut leaked answers, strip 'Task:' / 'Question 1:' labels")
+    sanitize: bool = Field(True, description="cut leaked answers, strip 'Task:' / 'Question 1:' labels")
     suppress_headers: bool = Field(False, description="forbid a markdown '#' header as the first token")
 
 
@@ -191,16 +110,16 @@ class MagpieInstructions(EngineStep):
 
     name = "magpie_instructions"
     version = 1
+    source = True
     Config = MagpieInstructionsConfig
     config: MagpieInstructionsConfig
 
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         if "seed" not in df.columns:
-            raise ValueError(f"{self.name}: input needs an integer `seed` column (one row per conversation); "
-                             f"got columns {df.columns}. Fix: build the input with flows.runner.seed_shards")
-        if self.engine is None:
-            raise ValueError(f"{self.name}: no engine. Fix: MagpieInstructions(engine=get_engine(...))")
-        cfg, tok = self.config, self.engine.tokenizer
+            raise StepError(f"{self.name}: input needs an integer `seed` column (one row per conversation); "
+                            f"got columns {df.columns}", fix="use it as a recipe's first step (the runner feeds it "
+                            "seed rows) or build the input with flows.runner.seed_shards")
+        cfg, tok = self.config, self.require_engine().tokenizer
         seeds = [int(s) for s in df["seed"].to_list()]
         variants: list[str | None] = list(cfg.system_prompts) or [None]
         prefixes = {sp: pre_query_prefix(tok, system=sp) for sp in variants}
@@ -254,7 +173,7 @@ class MagpieResponsesConfig(StepConfig):
     followup_top_p: float = Field(1.0, gt=0.0, le=1.0)
     followup_max_tokens: int = Field(128, ge=1)
     early_stop: bool = True
-    sanitize: bool = False
+    sanitize: bool = True
     followup_system_prompt: str = FOLLOWUP_SYSTEM_PROMPT
 
 
@@ -269,11 +188,9 @@ class MagpieResponses(EngineStep):
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         for col in ("id", "instruction"):
             if col not in df.columns:
-                raise ValueError(f"{self.name}: input needs column `{col}` (output of magpie_instructions); "
+                raise StepError(f"{self.name}: input needs column `{col}` (output of magpie_instructions); "
                                  f"got {df.columns}")
-        if self.engine is None:
-            raise ValueError(f"{self.name}: no engine. Fix: MagpieResponses(engine=get_engine(...))")
-        cfg, tok = self.config, self.engine.tokenizer
+        cfg, tok = self.config, self.require_engine().tokenizer
         n = df.height
         parents = df["id"].to_list()
         keep_in = df["keep"].to_list() if "keep" in df.columns else [True] * n
@@ -331,68 +248,3 @@ class MagpieResponses(EngineStep):
             pl.Series("keep", alive, dtype=pl.Boolean),
             pl.Series("drop_reason", reasons, dtype=pl.Utf8),
         ).select(["id", "parent_id", "origin", *[c for c in out.columns], "messages", "gen_tokens", "keep", "drop_reason"])
-
-
-# ---------------------------------------------------------------- basic checks (per shard)
-
-class MagpieChecksConfig(StepConfig):
-    min_instruction_chars: int = Field(1, ge=0)
-
-
-class MagpieChecks(Step):
-    """Cheap row checks on finished conversations: every turn non-empty, no template tokens.
-
-    Needs the engine's tokenizer only to know the template tokens (no generation)."""
-
-    name = "magpie_checks"
-    version = 1
-    Config = MagpieChecksConfig
-    config: MagpieChecksConfig
-
-    def __init__(self, config: StepConfig | None = None, *, engine: Engine | None = None,
-                 template_tokens: Sequence[str] | None = None, **overrides: Any):
-        super().__init__(config, **overrides)
-        self.engine = engine
-        self._tokens = tuple(template_tokens) if template_tokens is not None else None
-
-    def _leak_tokens(self) -> tuple[str, ...]:
-        if self._tokens is None:
-            self._tokens = template_tokens(self.engine.tokenizer) if self.engine is not None else ()
-        return self._tokens
-
-    def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
-        leak = self._leak_tokens()
-        keep_in = df["keep"].to_list() if "keep" in df.columns else [True] * df.height
-        reason_in = df["drop_reason"].to_list() if "drop_reason" in df.columns else [None] * df.height
-        keeps, reasons = [], []
-        for msgs, k, r in zip(df["messages"].to_list(), keep_in, reason_in):
-            reason = None if k else (r or "dropped")
-            if reason is None:
-                if not msgs or msgs[-1]["role"] != "assistant":
-                    reason = "incomplete_conversation"
-                elif any(m["role"] == "user" and len((m["content"] or "").strip()) < self.config.min_instruction_chars
-                         for m in msgs):
-                    reason = "empty_instruction"
-                elif any(not (m["content"] or "").strip() for m in msgs):
-                    reason = "empty_response"
-                elif any(tok in (m["content"] or "") for m in msgs for tok in leak):
-                    reason = "template_leak"
-            keeps.append(reason is None)
-            reasons.append(reason)
-        self.stats = {"generated_tokens": 0}
-        return df.with_columns(pl.Series("keep", keeps, dtype=pl.Boolean),
-                               pl.Series("drop_reason", reasons, dtype=pl.Utf8))
-
-
-def select_first_of_duplicates(rows: pl.LazyFrame, *, column: str = "instruction") -> pl.DataFrame:
-    """Global exact dedup: among rows with the same (whitespace/case-normalised) text keep the
-    lowest id; the others get drop_reason "duplicate_instruction". Returns id, keep, drop_reason."""
-    key = pl.col(column).str.strip_chars().str.to_lowercase().str.replace_all(r"\s+", " ")
-    return (
-        rows.select("id", key.alias("_key"))
-        .with_columns((pl.col("id") == pl.col("id").min().over("_key")).alias("keep"))
-        .with_columns(pl.when(pl.col("keep")).then(None).otherwise(pl.lit("duplicate_instruction"))
-                      .cast(pl.Utf8).alias("drop_reason"))
-        .select("id", "keep", "drop_reason")
-        .collect()
-    )

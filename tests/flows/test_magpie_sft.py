@@ -39,12 +39,12 @@ def published(out: Path) -> pl.DataFrame:
 def test_flow_publishes_trl_sft_and_resumes_from_cache(tmp_path):
     from datasets import load_dataset
 
-    from flows.magpie_sft import magpie_sft
+    from flows.runner import run
 
     out = tmp_path / "run"
     params = {"n": 30, "shard_size": 8, "out": str(out)}
     engine = scripted()
-    result = magpie_sft(params, engine=engine)
+    result = run("magpie-sft", params, engine=engine)
     rows = published(out)
     assert result["rows_kept"] == rows.height > 0
     assert rows["id"].n_unique() == rows.height
@@ -59,16 +59,16 @@ def test_flow_publishes_trl_sft_and_resumes_from_cache(tmp_path):
     assert "magpie-sft" in card and "duplicate_instruction" in card
 
     calls = len(engine.calls)
-    again = magpie_sft(params, engine=engine)  # finished stages: nothing regenerated
+    again = run("magpie-sft", params, engine=engine)  # finished stages: nothing regenerated
     assert len(engine.calls) == calls and again["rows_kept"] == result["rows_kept"]
     assert published(out).equals(rows)
 
 
 def test_multi_turn_flow(tmp_path):
-    from flows.magpie_sft import magpie_sft
+    from flows.runner import run
 
     out = tmp_path / "mt"
-    magpie_sft({"n": 8, "shard_size": 8, "turns": 2, "out": str(out)}, engine=scripted())
+    run("magpie-sft", {"n": 8, "shard_size": 8, "turns": 2, "out": str(out)}, engine=scripted())
     rows = published(out)
     assert rows.height > 0
     assert all([m["role"] for m in msgs] == ["user", "assistant"] * 2 for msgs in rows["messages"].to_list())
@@ -78,7 +78,7 @@ def test_multi_turn_flow(tmp_path):
 @pytest.mark.timeout(900)
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, engine):
     """Kill the CLI mid-stage (after >= 1 committed shard), rerun it, compare with a clean run."""
-    from flows.magpie_sft import magpie_sft
+    from flows.runner import run
 
     # Small: the CPU box is shared. 2 shards of 8; responses long enough that some finish.
     sets = {"n": 16, "shard_size": 8, "max_tokens_instruction": 48, "max_tokens_response": 96, "seed": 3}
@@ -122,7 +122,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, engine):
 
     clean_out = tmp_path / "clean"
     try:
-        magpie_sft({**sets, "out": str(clean_out)}, engine=engine)  # same seed, never interrupted
+        run("magpie-sft", {**sets, "out": str(clean_out)}, engine=engine)  # same seed, never interrupted
     except SchemaError:
         assert all_dropped
 

@@ -1,0 +1,130 @@
+"""The one publish helper: drops, rejected rows and the dataset card of any recipe run.
+
+The default config's layout comes from `publish.format` (schemas owns what each layout is);
+`publish.configs` adds named configs from any step's kept rows. Rule for "nothing survived":
+the empty default config, `rejected/` and the card are still published (so `publish/` never
+shows an older run's data as current), then `NothingSurvived` (exit 2, one line) says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from alignforge.errors import AlignforgeError
+
+_INTERNAL = ("keep", "drop_reason")
+
+
+class NothingSurvived(AlignforgeError):
+    """Every row was dropped: the empty dataset, rejected/ and the card are published anyway."""
+
+
+def _heavy() -> tuple[str, ...]:
+    from flows.runner import HEAVY_COLUMNS
+
+    return HEAVY_COLUMNS
+
+
+def _project(df: pl.DataFrame, columns: list[str] | None) -> pl.DataFrame:
+    if columns:
+        missing = [c for c in columns if c not in df.columns]
+        if missing and df.height:
+            from flows.recipe import RecipeError
+
+            raise RecipeError(f"publish: column {missing[0]!r} is not in the final rows (columns: {df.columns}). "
+                              "Fix: set publish.columns to columns the last step produces")
+        return df.select([c for c in columns if c in df.columns])
+    return df.drop([c for c in (*_heavy(), *_INTERNAL) if c in df.columns])
+
+
+def build_configs(recipe: Any, stages: list[tuple[str, Any]]) -> tuple[dict[str, pl.DataFrame], list[pl.DataFrame],
+                                                                         dict[str, int]]:
+    """(configs, extra rejected frames, extra drop counts) for the recipe's publish section."""
+    spec = recipe.publish
+    final = stages[-1][1].read()
+    configs: dict[str, pl.DataFrame] = {}
+    rejected: list[pl.DataFrame] = []
+    drops: dict[str, int] = {}
+    if spec.format == "preference":
+        from schemas.preference import build_preferences
+
+        built = build_preferences(final, margin=spec.margin)
+        cols = spec.columns or ["id", "parent_id", "origin", "prompt", "chosen", "rejected", "score_chosen",
+                                "score_rejected"]
+        configs["default"] = built.preferences.select([c for c in cols if c in built.preferences.columns])
+        configs["candidates"] = built.candidates
+        if built.rejected.height:
+            rejected.append(built.rejected)
+            for reason, count in built.rejected["drop_reason"].value_counts().iter_rows():
+                drops[f"pair:{reason}"] = int(count)
+    else:
+        configs["default"] = _project(final.sort("id") if "id" in final.columns else final, spec.columns)
+    by_name = dict(stages)
+    for name, extra in spec.configs.items():
+        if extra.step not in by_name:
+            from flows.recipe import RecipeError
+
+            raise RecipeError(f"publish.configs.{name}: no step {extra.step!r} ran in this recipe "
+                              f"(steps: {', '.join(by_name)})")
+        rows = by_name[extra.step].read()
+        for column, value in (extra.where or {}).items():
+            rows = rows.filter(pl.col(column) == value)
+        configs[name] = _project(rows.sort("id") if "id" in rows.columns else rows, extra.columns)
+    return configs, rejected, drops
+
+
+def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, model_id: str | None) -> dict:
+    """Publish the run to `<run>/publish` with rejected rows and a card listing every step."""
+    import storage
+    from flows.runner import stage_summary
+
+    configs, extra_rejected, pair_drops = build_configs(recipe, stages)
+    steps, drops, tokens, seconds = [], {}, 0, 0.0
+    for label, ds in stages:
+        manifest = ds.manifest() or {}
+        summary = stage_summary(ds)
+        for reason, count in summary["dropped"].items():
+            drops[reason] = drops.get(reason, 0) + count
+        tokens += summary["generated_tokens"]
+        if summary["generated_tokens"]:
+            seconds += summary["seconds"]
+        steps.append({"step": label, "version": manifest.get("step_version"), "fingerprint": manifest.get("fingerprint"),
+                      "rows_in": summary["rows_in"], "rows_kept": summary["rows_out"], "dropped": summary["dropped"],
+                      "config": manifest.get("config"), "stats": (manifest.get("stats") or {}).get("step", {})})
+    drops.update(pair_drops)
+    heavy = _heavy()
+    rejected = [ds.read(rejected=True) for _, ds in stages]
+    rejected = [r.drop([c for c in heavy if c in r.columns]) for r in [*rejected, *extra_rejected] if r.height]
+    rejected_rows = pl.concat(rejected, how="diagonal_relaxed") if rejected else None
+    spec = recipe.publish
+    card = {
+        "title": spec.title or f"{recipe.name} (alignforge)",
+        "recipe": recipe.name,
+        "method": spec.method or recipe.description or " -> ".join(label for label, _ in stages),
+        "model": model_id,
+        "steps": steps,
+        "params": recipe.model_dump(mode="json", exclude={"source"}),
+        "lineage": {label: ds.manifest() for label, ds in stages},
+        "drop_stats": dict(sorted(drops.items())),
+        "generated_tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0,
+    }
+    publish_url = f"{run_url}/publish"
+    storage.publish(publish_url, configs=configs, rejected=rejected_rows, test_size=spec.test_size, seed=recipe.seed,
+                    card=card)
+    first = stages[0][1]
+    requested = stage_summary(first)["rows_out"] if stages else 0
+    result = {"dataset": publish_url, "rows_kept": configs["default"].height, "rows_requested": requested,
+              "dropped": dict(sorted(drops.items())), "generated_tokens": tokens,
+              "generation_seconds": round(seconds, 2),
+              "tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0,
+              "steps": [{k: s[k] for k in ("step", "rows_in", "rows_kept", "dropped")} for s in steps]}
+    if configs["default"].height == 0:
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])) or "none"
+        raise NothingSurvived(
+            f"{recipe.name}: no row survived the run (dropped: {shown}); published an empty dataset with rejected/ "
+            f"and the card at {publish_url}. Fix: see the drop reasons (rejected/ holds every dropped row) and "
+            "loosen the step that dropped most, or raise n")
+    return result
