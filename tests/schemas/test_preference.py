@@ -3,7 +3,13 @@ import pytest
 
 import schemas
 from schemas import MESSAGES
-from schemas.preference import LOW_MARGIN, TOO_FEW, build_preferences
+import math
+from decimal import Decimal
+
+import numpy as np
+
+from schemas.preference import (LOW_MARGIN, NON_FINITE_SCORE, NON_NUMERIC_SCORE, TOO_FEW, UNSCORED, build_preferences,
+                                score_value)
 
 
 def candidates(groups: dict[str, list[tuple[int, float | None, str]]], system: str | None = None) -> pl.DataFrame:
@@ -30,11 +36,13 @@ def test_chosen_is_max_rejected_is_min_with_trl_columns():
     assert row["prompt"] == [{"role": "user", "content": "question a"}]
     assert row["parent_id"] == "a" and row["origin"] == "preference@1" and row["id"]
     schemas.validate(prefs, kind="preference", dataset="prefs")
-    # Candidates table: every scored candidate, in index order, with its score.
     cands = built.candidates
     schemas.validate(cands, kind="candidates", dataset="cands")
-    assert [c["index"] for c in cands["candidates"][0]] == [0, 1, 2]
-    assert [c["score"] for c in cands["candidates"][0]] == [0.5, 2.0, -1.0]
+    # Every live candidate in index order, with its score (null + reason when unscored).
+    assert [c["index"] for c in cands["candidates"][0]] == [0, 1, 2, 3]
+    assert [c["score"] for c in cands["candidates"][0]] == [0.5, 2.0, -1.0, None]
+    assert [c["reason"] for c in cands["candidates"][0]] == [None, None, None, "unscored"]
+    assert built.unscored == {"unscored": 1}
     # One id per prompt group, shared by both tables: a split by id holds out the same prompts.
     assert cands["id"].to_list() == prefs["id"].to_list()
 
@@ -108,3 +116,72 @@ def test_rows_pass_trl_checks_with_the_embedded_tokenizer():
         return
     row = prefs.select("prompt", "chosen", "rejected").to_dicts()[0]
     assert maybe_extract_prompt(row) == row  # already explicit-prompt: nothing to extract
+
+
+# ---------------------------------------------------------------- issue 8, fault kind 4
+
+@pytest.mark.parametrize("order", [(math.nan, 3.0, 1.0), (3.0, math.nan, 1.0), (3.0, 1.0, math.nan)])
+def test_nan_never_decides_a_pair_whatever_its_position(order):
+    texts = {3.0: "three", 1.0: "one"}
+    df = candidates({"p": [(i, s, texts.get(s, "nan answer")) for i, s in enumerate(order)]})
+    built = build_preferences(df)
+    row = built.preferences.row(0, named=True)
+    assert (row["score_chosen"], row["score_rejected"]) == (3.0, 1.0)
+    assert row["chosen"][0]["content"] == "three" and row["rejected"][0]["content"] == "one"
+    assert row["n_candidates"] == 2
+    assert built.rejected.height == 0
+    assert built.unscored == {NON_FINITE_SCORE: 1}
+    # The published candidates config: the NaN candidate has a null score and its reason.
+    entries = built.candidates["candidates"][0].to_list()
+    nan_index = order.index(next(s for s in order if s != s))
+    assert entries[nan_index] == {"content": "nan answer", "score": None, "index": nan_index,
+                                  "reason": NON_FINITE_SCORE}
+    scores = built.candidates["candidates"].explode().struct.field("score")
+    assert not scores.is_nan().any() and scores.null_count() == 1
+    schemas.validate(built.candidates, kind="candidates", dataset="cands")
+
+
+def test_infinite_scores_and_all_nan_groups():
+    df = candidates({"inf": [(0, math.inf, "x"), (1, 2.0, "y"), (2, -math.inf, "z"), (3, 1.0, "w")],
+                     "nan": [(0, math.nan, "x"), (1, math.nan, "y")]})
+    built = build_preferences(df)
+    row = built.preferences.row(0, named=True)
+    assert (row["parent_id"], row["score_chosen"], row["score_rejected"]) == ("inf", 2.0, 1.0)
+    assert dict(zip(built.rejected["parent_id"], built.rejected["drop_reason"])) == {"nan": TOO_FEW}
+    assert built.rejected.filter(pl.col("parent_id") == "nan")["n_scored"].to_list() == [0]
+    assert built.unscored == {NON_FINITE_SCORE: 4}
+    assert built.candidates["parent_id"].to_list() == ["inf"]  # "nan" has no scored candidate
+
+
+def test_scores_as_strings_or_bools_are_not_scores():
+    rows = [("s", 0, "NaN"), ("s", 1, "3.0"), ("s", 2, "2.5"), ("s", 3, None)]
+    df = pl.DataFrame({"parent_id": [r[0] for r in rows], "candidate_index": [r[1] for r in rows],
+                       "messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": f"a{r[1]}"}]
+                                    for r in rows], "reward": [r[2] for r in rows]},
+                      schema={"parent_id": pl.Utf8, "candidate_index": pl.Int64, "messages": MESSAGES,
+                              "reward": pl.Utf8})
+    built = build_preferences(df)
+    assert built.preferences.height == 0
+    assert built.rejected["drop_reason"].to_list() == [TOO_FEW]
+    assert built.unscored == {NON_NUMERIC_SCORE: 3, UNSCORED: 1}
+    flags = df.with_columns(pl.Series("reward", [True, False, True, True]))
+    assert build_preferences(flags).unscored == {NON_NUMERIC_SCORE: 4}
+
+
+def test_score_value():
+    assert score_value(3) == (3.0, None) and score_value(-0.5) == (-0.5, None)
+    assert score_value(np.float32(1.5)) == (1.5, None) and score_value(np.int64(2)) == (2.0, None)
+    assert score_value(Decimal("2.5")) == (2.5, None)
+    for bad in (math.nan, math.inf, -math.inf, np.float64("nan"), Decimal("NaN"), Decimal("sNaN"), 10**400):
+        assert score_value(bad) == (None, NON_FINITE_SCORE), bad
+    for bad in ("NaN", "3.0", "", True, False, np.bool_(True), [1.0], {"score": 1}, b"1", 1 + 2j):
+        assert score_value(bad) == (None, NON_NUMERIC_SCORE), bad
+    assert score_value(None) == (None, UNSCORED)
+
+
+def test_bad_candidate_index_and_margin_are_clear_errors():
+    df = candidates({"a": [(0, 1.0, "x"), (1, 0.0, "y")]})
+    with pytest.raises(schemas.SchemaError, match="candidate_index.*row 1"):
+        build_preferences(df.with_columns(pl.Series("candidate_index", [0, None], dtype=pl.Int64)))
+    with pytest.raises(schemas.SchemaError, match="margin"):
+        build_preferences(df, margin=math.nan)
