@@ -1,7 +1,9 @@
 """RewardLabel: score each (prompt, response) row of a shard with a reward model or the judge.
 
 Adds a `reward` Float64 column. A row that can't be scored keeps reward = null and is marked
-keep=False with the scorer's reason ("empty_response", "too_long", "no_rating_token"). If the
+keep=False with the scorer's reason ("empty_response", "too_long", "no_rating_token"). A score
+that is not a finite number (NaN / inf from a broken model, a bool or text from a custom
+scorer) is never published: reward = null, reason "non_finite_score" / "non_numeric_score". If the
 reward model can't be loaded at all (e.g. no chat template), every row of the shard is marked
 with that error's reason and the message lands in `stats["reward_error"]`: the run goes on,
 and the drop is counted and reported instead of crashing the flow.
@@ -21,6 +23,7 @@ from pydantic import Field
 
 from engines.reward import RewardModelError, RewardScorer, make_scorer
 from schemas import SchemaError
+from schemas.preference import score_value
 from alignforge.step import Step, StepConfig
 
 from alignforge.step import carry_drops as mark_drops
@@ -46,7 +49,7 @@ class RewardLabel(Step):
     """Shard -> shard + `reward` (float, null when unscorable) + keep / drop_reason."""
 
     name = "reward_label"
-    version = 1
+    version = 2  # 2: non-finite / non-numeric scores are unscored with a reason (were published as NaN)
     Config = RewardLabelConfig
     config: RewardLabelConfig
 
@@ -90,9 +93,12 @@ class RewardLabel(Step):
         try:
             scorer = self.scorer()
             before = dict(getattr(scorer, "stats", {}) or {})
-            results = scorer.score([prompts[i] for i in todo], [responses[i] for i in todo]) if todo else []
+            results = list(scorer.score([prompts[i] for i in todo], [responses[i] for i in todo])) if todo else []
+            if len(results) != len(todo):
+                raise RewardModelError(f"scorer {self.scorer_id} returned {len(results)} results for {len(todo)} "
+                                       "rows; every row needs one", reason="reward_scorer_error")
             for i, result in zip(todo, results):
-                rewards[i], reasons[i] = result.score, (None if result.score is not None else result.reason or "unscored")
+                rewards[i], reasons[i] = reward_of(result)
             after = getattr(scorer, "stats", {}) or {}
             self.stats["seconds_scoring"] = round(float(after.get("seconds", 0.0)) - float(before.get("seconds", 0.0)), 4)
             if "missing_rating_tokens" in after:
@@ -107,6 +113,18 @@ class RewardLabel(Step):
         self.stats["dropped"] = dict(Counter(r for r in reasons if r is not None))
         out = df.with_columns(pl.Series("reward", rewards, dtype=pl.Float64))
         return mark_drops(out, pl.Series("_reason", reasons, dtype=pl.Utf8))
+
+
+def reward_of(result: Any) -> tuple[float | None, str | None]:
+    """(reward, None) or (None, reason) from one scorer result (a RewardResult, or a bare value)."""
+    raw = getattr(result, "score", result)
+    score, reason = score_value(raw)
+    if score is not None:
+        return score, None
+    given = getattr(result, "reason", None)
+    if raw is None and isinstance(given, str) and given:
+        return None, given
+    return None, reason
 
 
 def pairs_of(df: pl.DataFrame, where: str = "reward") -> tuple[list[list[dict[str, str]]], list[str | None]]:

@@ -78,3 +78,50 @@ def test_conversation_without_answer_is_an_empty_response(tiny_rm):
     df = pl.DataFrame({"id": ["x"], "messages": pl.Series([[{"role": "user", "content": "hi"}]], dtype=MESSAGES)})
     out = RewardLabel(scorer=scorer)(df)
     assert out["drop_reason"].to_list() == ["empty_response"]
+
+
+# ---------------------------------------------------------------- issue 8, fault kind 4
+
+class FixedScorer:
+    """A scorer that returns whatever it was given, in order (a broken model, a custom scorer)."""
+
+    model_id = "fixed"
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def score(self, prompts, responses):
+        return self.values[: len(prompts)]
+
+    def shutdown(self):
+        pass
+
+
+def test_non_finite_and_non_numeric_scores_are_never_published():
+    import math
+
+    from engines.reward import RewardResult
+
+    values = [RewardResult(2.5), RewardResult(math.nan), RewardResult(math.inf), RewardResult(-math.inf),
+              RewardResult(True), RewardResult("3.0"), RewardResult(None, "too_long"), RewardResult(None), 1.25,
+              math.nan]
+    df = candidate_rows([(f"q{i}", f"a{i}") for i in range(len(values))])
+    step = RewardLabel(scorer=FixedScorer(values))
+    out = step(df)
+    assert out["reward"].to_list() == [2.5, None, None, None, None, None, None, None, 1.25, None]
+    assert not out["reward"].is_nan().any()
+    assert out["drop_reason"].to_list() == [
+        None, "non_finite_score", "non_finite_score", "non_finite_score", "non_numeric_score", "non_numeric_score",
+        "too_long", "unscored", None, "non_finite_score"]
+    assert out["keep"].to_list() == [True] + [False] * 7 + [True, False]
+    assert step.stats["scored"] == 2
+    assert step.stats["dropped"] == {"non_finite_score": 4, "non_numeric_score": 2, "too_long": 1, "unscored": 1}
+
+
+def test_a_scorer_returning_too_few_results_drops_the_shard_with_a_reason():
+    df = candidate_rows([("q1", "a1"), ("q2", "a2"), ("q3", "a3")])
+    step = RewardLabel(scorer=FixedScorer([1.0]))
+    out = step(df)
+    assert out["drop_reason"].to_list() == ["reward_scorer_error"] * 3
+    assert out["reward"].null_count() == 3
+    assert "1 results for 3 rows" in step.stats["reward_error"]
