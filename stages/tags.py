@@ -2,8 +2,12 @@
 
 `MagpieTags` asks the chat model three short questions per instruction (input quality,
 difficulty, task category). Each answer is constrained with vLLM structured outputs
-(`Sampling.choice`) to exactly one allowed label, so every row parses; decoding is greedy. All
-3 x rows questions of a shard go to the engine in ONE chat call.
+(`Sampling.choice`) to exactly one allowed label; decoding is greedy. All 3 x rows questions of
+a shard go to the engine in ONE chat call. Engines without structured outputs (a remote server)
+may answer `Good.`, `"good"`, `{"label": "good"}` or prose: `parse_label` reads the first three
+(case, quotes, trailing punctuation, a `Label:` prefix and JSON wrappers are ignored) and never
+guesses from prose. A tag it can't read stays null, and the row's `tag_error` says why
+(`empty_instruction`, or `unparsed_tag:<tag,...>`); `stats["unparsed"]` counts them.
 
 `magpie_official_filter(df, n)` is the official SFT selection as a ready global function:
 quality >= average (option: good), reward >= -10 (if a `reward` column exists), instruction
@@ -14,6 +18,8 @@ the rule's reason; nothing is deleted.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import polars as pl
@@ -48,6 +54,51 @@ def tag_prompt(column: str, instruction: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": TAG_SYSTEM}, {"role": "user", "content": user}]
 
 
+UNPARSED_TAG = "unparsed_tag"
+EMPTY_INSTRUCTION = "empty_instruction"
+_WRAPPING = " \t\r\n\"'`*_.!;,<>[](){}"
+
+
+def _normal(text: str) -> str:
+    text = re.sub(r"\s+", " ", text.strip(_WRAPPING)).casefold()
+    return re.sub(r"\s*(?:&|\band\b)\s*", " & ", text)
+
+
+def parse_label(text: Any, labels: tuple[str, ...], tag: str | None = None) -> tuple[str | None, str | None]:
+    """(label, None) when `text` names exactly one of `labels`, else (None, "unparsed_tag").
+
+    Accepts the label itself in any case, wrapped in quotes / markdown / trailing punctuation,
+    after a `Label:` (or `<tag>:`) prefix, or as JSON: a string, a one-item list, or an object
+    whose `label` / `tag` / `<tag>` key (or only value) is the label. Never raises, never
+    guesses: prose that merely contains a label ("not poor") is unparsed."""
+    if not isinstance(text, str):
+        return None, UNPARSED_TAG
+    by_normal = {_normal(label): label for label in labels}
+    candidates = [text]
+    stripped = text.strip()
+    if stripped[:1] in ('{', '[', '"'):
+        try:
+            value = json.loads(stripped)
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, dict):
+            keys = [k for k in ("label", "tag", tag) if k and isinstance(value.get(k), str)]
+            value = value[keys[0]] if keys else (next(iter(value.values())) if len(value) == 1 else None)
+        if isinstance(value, str):
+            candidates.insert(0, value)
+    for candidate in candidates:
+        normal = _normal(candidate)
+        prefix = re.match(r"(?:label|answer|tag|" + re.escape((tag or "label").replace("_", " ")) + r")\s*[:=-]\s*",
+                          normal.replace("_", " "))
+        if prefix:
+            normal = _normal(normal[prefix.end():])
+        if normal in by_normal:
+            return by_normal[normal], None
+    return None, UNPARSED_TAG
+
+
 class MagpieTagsConfig(StepConfig):
     tags: tuple[str, ...] = Field(("input_quality", "difficulty", "task_category"),
                                   description="which tags to compute (subset of the three)")
@@ -55,10 +106,10 @@ class MagpieTagsConfig(StepConfig):
 
 
 class MagpieTags(EngineStep):
-    """Rows with `instruction` (or `messages`) -> + `input_quality`, `difficulty`, `task_category`."""
+    """Rows with `instruction` (or `messages`) -> + `input_quality`, `difficulty`, `task_category`, `tag_error`."""
 
     name = "magpie_tags"
-    version = 1
+    version = 2  # 2: lenient label parsing (JSON, quotes, case) and a `tag_error` reason per row
     Config = MagpieTagsConfig
     config: MagpieTagsConfig
 
@@ -90,17 +141,22 @@ class MagpieTags(EngineStep):
                      for column, _ in requests]
         results = self.engine.chat(conversations, samplings, desc=self.name) if requests else []
         values: dict[str, list[str | None]] = {c: [None] * df.height for c in self.config.tags}
+        failed: list[list[str]] = [[] for _ in range(df.height)]
         unparsed = 0
         for (column, i), result in zip(requests, results):
-            text = result.completions[0].text.strip()
-            if text in TAG_LABELS[column]:
-                values[column][i] = text
-            else:  # structured outputs make this unreachable on vLLM; counted, never guessed
+            label, _ = parse_label(result.completions[0].text if result.completions else None, TAG_LABELS[column],
+                                   column)
+            values[column][i] = label
+            if label is None:  # structured outputs make this rare on vLLM; counted, never guessed
                 unparsed += 1
+                failed[i].append(column)
+        errors = [EMPTY_INSTRUCTION if not live[i] else (f"{UNPARSED_TAG}:{','.join(failed[i])}" if failed[i] else None)
+                  for i in range(df.height)]
         self.stats = {"rows_in": df.height, "requests": len(requests), "unparsed": unparsed,
                       "empty_instruction": live.count(False),
-                      "generated_tokens": sum(r.completions[0].num_tokens for r in results)}
-        return df.with_columns([pl.Series(c, v, dtype=pl.Utf8) for c, v in values.items()])
+                      "generated_tokens": sum(r.completions[0].num_tokens for r in results if r.completions)}
+        return df.with_columns([pl.Series(c, v, dtype=pl.Utf8) for c, v in values.items()]
+                               + [pl.Series("tag_error", errors, dtype=pl.Utf8)])
 
 
 # ---------------------------------------------------------------- official SFT filter

@@ -2,7 +2,9 @@ import polars as pl
 import pytest
 
 from schemas import MESSAGES
-from stages.tags import (DIFFICULTY, INPUT_QUALITY, TASK_CATEGORY, MagpieTags, magpie_official_filter, tag_prompt)
+from engines.base import Completion, GenerationResult
+from stages.tags import (DIFFICULTY, INPUT_QUALITY, TASK_CATEGORY, UNPARSED_TAG, MagpieTags, magpie_official_filter,
+                         parse_label, tag_prompt)
 
 
 def test_label_sets_match_magpie():
@@ -85,3 +87,68 @@ def test_tags_on_the_embedded_model_always_parse(engine):
     # Greedy + constrained: the same rows tag the same way.
     assert step(df).select("input_quality", "difficulty", "task_category").equals(
         out.select("input_quality", "difficulty", "task_category"))
+
+
+# ---------------------------------------------------------------- label parsing (issue 8)
+
+@pytest.mark.parametrize("text, expected", [
+    ("good", "good"), ("Good.", "good"), ("  GOOD\n", "good"), ('"good"', "good"), ("**good**", "good"),
+    ("Label: good", "good"), ("input quality: good", "good"), ('{"label": "Good"}', "good"),
+    ('{"input_quality": "very poor"}', "very poor"), ('["excellent"]', "excellent"), ("very  poor", "very poor"),
+])
+def test_parse_label_reads_plain_quoted_and_json_answers(text, expected):
+    assert parse_label(text, INPUT_QUALITY, "input_quality") == (expected, None)
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", "not poor", "good or poor", "The request is good.", "{", '{"label": 3}', '{"a": "good", "b": "poor"}',
+    "[]", '["good", "poor"]', "goodness", None, 3, b"good",
+])
+def test_parse_label_never_guesses(text):
+    assert parse_label(text, INPUT_QUALITY, "input_quality") == (None, UNPARSED_TAG)
+
+
+def test_parse_label_task_categories():
+    assert parse_label("Coding and Debugging", TASK_CATEGORY) == ("coding & debugging", None)
+    assert parse_label("coding & debugging.", TASK_CATEGORY) == ("coding & debugging", None)
+    assert parse_label("Information seeking", TASK_CATEGORY) == ("information seeking", None)
+
+
+class TextEngine:
+    """An engine without structured outputs: answers each tag question with a fixed text per tag."""
+
+    model_id = "text"
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def tokenizer(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    def chat(self, conversations, samplings, desc=None):
+        out = []
+        for conversation, sampling in zip(conversations, samplings):
+            column = next(c for c, labels in (("input_quality", INPUT_QUALITY), ("difficulty", DIFFICULTY),
+                                              ("task_category", TASK_CATEGORY)) if tuple(sampling.choice) == labels)
+            text = self.answers[column](conversation[-1]["content"])
+            out.append(GenerationResult(prompt="", completions=[Completion(text=text, token_ids=[1])]))
+        return out
+
+
+def test_unparsed_tags_stay_null_with_a_reason_per_row():
+    engine = TextEngine({
+        "input_quality": lambda q: "Good." if "poem" in q else "I think it is decent",
+        "difficulty": lambda q: '{"difficulty": "Easy"}',
+        "task_category": lambda q: "creative writing",
+    })
+    df = pl.DataFrame({"id": ["a", "b", "c"], "instruction": ["Write a poem.", "Fix my bike.", "   "]})
+    step = MagpieTags(engine=engine)
+    out = step(df)
+    assert out["input_quality"].to_list() == ["good", None, None]
+    assert out["difficulty"].to_list() == ["easy", "easy", None]
+    assert out["task_category"].to_list() == ["creative writing", "creative writing", None]
+    assert out["tag_error"].to_list() == [None, "unparsed_tag:input_quality", "empty_instruction"]
+    assert step.stats["unparsed"] == 1 and step.stats["empty_instruction"] == 1
+    # Every row with a null tag has a reason.
+    nulls = out.filter(pl.any_horizontal(pl.col("input_quality", "difficulty", "task_category").is_null()))
+    assert nulls["tag_error"].null_count() == 0
