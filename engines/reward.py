@@ -13,7 +13,8 @@ Two scorers share one interface, `score(prompts, responses) -> list[RewardResult
   over the rating digits (`engine.next_token_logprobs`).
 
 A pair that can't be scored is never silently truncated or guessed: it comes back as
-`RewardResult(None, reason)` with reason "empty_response", "too_long" or "no_rating_token".
+`RewardResult(None, reason)` with reason "empty_response", "too_long", "no_rating_token" or
+"non_finite_score" (the model returned NaN / inf); a score is always a finite float.
 Problems with the model itself (missing chat template, unknown backend) raise `RewardModelError`
 at load, with a `reason` a flow turns into counted drops.
 
@@ -37,6 +38,7 @@ from schemas import SchemaError
 EMPTY_RESPONSE = "empty_response"
 TOO_LONG = "too_long"
 NO_RATING_TOKEN = "no_rating_token"
+NON_FINITE_SCORE = "non_finite_score"  # same spelling as schemas.preference
 
 # Used only with template="plain" (reward models trained without a chat template).
 PLAIN_TEMPLATE_DOC = 'turns joined by "\\n": "System: ...", "User: ...", "Assistant: <response>"'
@@ -228,9 +230,11 @@ class RewardModel:
             scores = self._score_vllm([ids for _, ids in todo]) if self.backend == "vllm" else \
                 self._score_transformers([ids for _, ids in todo])
             for (i, _), value in zip(todo, scores):
-                results[i] = RewardResult(float(value))
+                value = float(value)
+                # A NaN / inf logit (broken weights, fp16 overflow) is not a score.
+                results[i] = RewardResult(value) if math.isfinite(value) else RewardResult(None, NON_FINITE_SCORE)
         self.stats["rows"] += len(prompts)
-        self.stats["scored"] += len(todo)
+        self.stats["scored"] += sum(1 for i, _ in todo if results[i].score is not None)  # type: ignore[union-attr]
         self.stats["tokens"] += sum(len(ids) for _, ids in todo)
         self.stats["seconds"] += time.perf_counter() - started
         return results  # type: ignore[return-value]
@@ -365,18 +369,54 @@ class JudgeReward:
         self.stats["seconds"] += time.perf_counter() - started
         return results  # type: ignore[return-value]
 
-    def _expected_rating(self, by_rating: dict[str, float | None]) -> RewardResult:
-        present = {int(k): v for k, v in by_rating.items() if v is not None and k in self.ratings}
-        self.stats["missing_rating_tokens"] += self.scale - len(present)
-        if not present:
-            return RewardResult(None, NO_RATING_TOKEN)
-        top = max(present.values())
-        weights = {k: math.exp(v - top) for k, v in present.items()}
-        total = sum(weights.values())
-        return RewardResult(sum(k * w for k, w in weights.items()) / total)
+    def _expected_rating(self, by_rating: Any) -> RewardResult:
+        result, missing = expected_rating(by_rating, self.ratings)
+        self.stats["missing_rating_tokens"] += missing
+        return result
 
     def shutdown(self) -> None:
         """The engine belongs to the caller (process-cached); nothing to free here."""
+
+
+def _logprob(value: Any) -> float | None:
+    """A usable log-probability: a real number that is finite or -inf (probability 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import numpy as np
+
+            if not isinstance(value, np.floating | np.integer):
+                return None
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):  # an int beyond float range
+        return None
+    return number if math.isfinite(number) or number == -math.inf else None
+
+
+def expected_rating(by_rating: Any, ratings: Sequence[str]) -> tuple[RewardResult, int]:
+    """(expected rating, rating tokens missing) from one next-token logprob table {digit: logprob}.
+
+    The digits' probabilities are renormalised over those present; a digit missing from the table
+    or with an unusable value (None, NaN, +inf, a bool, text) counts as missing. -inf is a present
+    digit of probability 0. Without any positive-probability digit the result is null with reason
+    "no_rating_token". Never raises: the score is always a finite number in [1, len(ratings)]."""
+    table = by_rating if isinstance(by_rating, dict) else {}
+    present: dict[int, float] = {}
+    for position, rating in enumerate(ratings, start=1):
+        value = _logprob(table.get(rating))
+        if value is not None:
+            present[position] = value
+    missing = len(ratings) - len(present)
+    finite = {k: v for k, v in present.items() if v != -math.inf}
+    if not finite:
+        return RewardResult(None, NO_RATING_TOKEN), missing
+    top = max(finite.values())
+    weights = {k: math.exp(v - top) for k, v in finite.items()}
+    total = sum(weights.values())
+    mean = sum(k * w for k, w in weights.items()) / total
+    return RewardResult(min(max(mean, 1.0), float(len(ratings)))), missing  # clamp float rounding only
 
 
 def make_scorer(model: str | None = None, *, engine: Any = None, **options: Any) -> RewardScorer:

@@ -170,3 +170,29 @@ def test_judge_on_the_embedded_model(engine):
     assert all(r.score is not None and 1.0 <= r.score <= 5.0 for r in results), results
     again = judge.score(prompts, ["The capital of France is Paris.", "Bananas are yellow and I like trains."])
     assert [r.score for r in again] == pytest.approx([r.score for r in results], abs=1e-4)
+
+
+def test_judge_ratings_ignore_unusable_logprobs():
+    """Issue 8: NaN / +inf / text / bools in a logprob table are missing digits, -inf is probability 0."""
+    from engines.reward import expected_rating
+
+    ratings = ["1", "2", "3", "4", "5"]
+    result, missing = expected_rating({"1": math.nan, "2": math.inf, "3": "0.0", "4": True, "5": 0.0}, ratings)
+    assert (result.score, result.reason, missing) == (5.0, None, 4)
+    result, missing = expected_rating({"2": -math.inf, "4": math.log(0.5), "5": math.log(0.5)}, ratings)
+    assert result.score == pytest.approx(4.5) and missing == 2
+    for table in ({"3": -math.inf}, {"3": math.nan}, {}, None, ["3"], {"x": 0.0}):
+        result, _ = expected_rating(table, ratings)
+        assert (result.score, result.reason) == (None, NO_RATING_TOKEN), table
+    judge = JudgeReward(LogprobStub({"1": math.nan, "2": None, "3": math.log(0.5), "4": math.log(0.5), "5": math.inf}))
+    out = judge.score(PROMPTS[:1], ["4"])
+    assert out[0].score == pytest.approx(3.5) and judge.stats["missing_rating_tokens"] == 3
+
+
+def test_a_nan_or_infinite_model_output_is_not_a_score(reward_folder, monkeypatch):
+    model = RewardModel(reward_folder, backend="transformers")
+    monkeypatch.setattr(model, "_score_transformers", lambda ids: [math.nan, 0.5, math.inf][: len(ids)])
+    results = model.score(PROMPTS[:3], ["a", "b", "c"])
+    assert [(r.score, r.reason) for r in results] == [(None, "non_finite_score"), (0.5, None),
+                                                       (None, "non_finite_score")]
+    assert model.stats["scored"] == 1
