@@ -156,8 +156,8 @@ class GlobalStep(Step):
         dumped = self.config.model_dump(mode="json")
         return {k: dumped[k] for k in self.score_fields}
 
-    def score_fingerprint(self, *input_fingerprints: str, engine_id: str | None = None) -> str:
-        return stable_hash(self.name, self.version, "score", self.score_config(), list(input_fingerprints), engine_id)
+    def score_fingerprint(self, *input_fingerprints: str) -> str:
+        return stable_hash(self.name, self.version, "score", self.score_config(), list(input_fingerprints))
 
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         """Default score phase: nothing to compute per shard (select reads existing columns)."""

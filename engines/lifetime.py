@@ -76,11 +76,26 @@ class LazyEngine:
     def stats(self):
         return getattr(self._engine, "stats", None)
 
+    @property
+    def identity(self) -> str:
+        """What cache keys record for this model: its id plus its files' identity (template, weights...)."""
+        if isinstance(self.model, dict):
+            return self.model_id
+        if getattr(self, "_identity", None) is None:
+            from engines.identity import model_identity
+
+            self._identity = model_identity(None if self.model == "embedded" else self.model)
+        return self._identity
+
+    # The engine verbs: the first call starts the engine. Anything else is not forwarded, so a
+    # stray attribute lookup can never start vLLM by accident.
+    _VERBS = frozenset({"complete", "chat", "next_token_logprobs", "classify", "embed", "generate", "render",
+                        "max_model_len", "supports_structured_output", "closed"})
+
     def __getattr__(self, name: str):
-        # complete / chat / next_token_logprobs / classify...: start the engine on first use.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.get(), name)
+        if name in LazyEngine._VERBS:
+            return getattr(self.get(), name)
+        raise AttributeError(f"LazyEngine has no attribute {name!r}")
 
     def shutdown(self) -> None:
         if self._engine is not None:

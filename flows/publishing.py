@@ -94,6 +94,8 @@ def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, mod
                       "rows_in": summary["rows_in"], "rows_kept": summary["rows_out"], "dropped": summary["dropped"],
                       "config": manifest.get("config"), "stats": (manifest.get("stats") or {}).get("step", {})})
     drops.update(pair_drops)
+    errors = [f"{s['step']}: {v}" for s in steps for k, v in (s["stats"] or {}).items()
+              if "error" in k and isinstance(v, str)]
     heavy = _heavy()
     rejected = [ds.read(rejected=True) for _, ds in stages]
     rejected = [r.drop([c for c in heavy if c in r.columns]) for r in [*rejected, *extra_rejected] if r.height]
@@ -120,11 +122,14 @@ def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, mod
               "dropped": dict(sorted(drops.items())), "generated_tokens": tokens,
               "generation_seconds": round(seconds, 2),
               "tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0,
+              "configs": {name: df.height for name, df in configs.items()},
               "steps": [{k: s[k] for k in ("step", "rows_in", "rows_kept", "dropped")} for s in steps]}
+    if errors:
+        result["errors"] = errors
     if configs["default"].height == 0:
         shown = ", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])) or "none"
         raise NothingSurvived(
             f"{recipe.name}: no row survived the run (dropped: {shown}); published an empty dataset with rejected/ "
             f"and the card at {publish_url}. Fix: see the drop reasons (rejected/ holds every dropped row) and "
-            "loosen the step that dropped most, or raise n")
+            "loosen the step that dropped most, or raise n" + (f". Step errors: {'; '.join(errors)}" if errors else ""))
     return result

@@ -350,7 +350,7 @@ def _config_error(source: str, step: str, config_cls: type, exc: ValidationError
                 f"{', '.join(fields)}")
     info = config_cls.model_fields.get(str(err["loc"][0])) if err["loc"] else None
     expected = _type_name(info.annotation) if info is not None else "?"
-    return (f"{source}: step {step!r} field {field!r} = {err.get('input')!r}: expected {expected} ({err['msg']}). "
+    return (f"{source}: step {step!r} field {field}={err.get('input')!r}: expected {expected} ({err['msg']}). "
             f"Fix: --set steps.{step}.{field}=...")
 
 

@@ -66,10 +66,16 @@ def fingerprint_of(ds: Any) -> str:
 
 
 def engine_id(engine: Any) -> str | None:
+    """What fingerprints record for an engine: model id + the identity of its files (template, weights)."""
     if engine is None:
         return None
+    name = engine_name(engine)
     identity = getattr(engine, "identity", None)
-    return str(identity or getattr(engine, "model_id", None) or type(engine).__name__)
+    return f"{name}#{identity}" if identity else name
+
+
+def engine_name(engine: Any) -> str | None:
+    return None if engine is None else str(getattr(engine, "model_id", None) or type(engine).__name__)
 
 
 def _quiet() -> bool:
@@ -271,7 +277,8 @@ class ScorePhase(Step):
             self.engine = step.engine
 
     def fingerprint(self, *input_fingerprints: str, engine_id: str | None = None) -> str:
-        return self.step.score_fingerprint(*input_fingerprints, engine_id=engine_id)
+        fingerprint = self.step.score_fingerprint(*input_fingerprints)
+        return stable_hash(fingerprint, engine_id) if engine_id else fingerprint
 
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         worker = copy.copy(self.step)
@@ -300,7 +307,7 @@ def run_map(step: Step, input_ds: Any, run_url: str, *, engine: Any = None, work
     parallel = workers > 1 and not uses_engine and getattr(step, "parallel_shards", True)
     _run_shards(step, input_ds.url, out.url, todo, label, parallel=parallel)
     return _commit(out, name=step.name, version=step.version, config=step.config.model_dump(mode="json"),
-                   fingerprint=fingerprint, input_fps=[input_fp], engines=[eid] if eid else [], started=started,
+                   fingerprint=fingerprint, input_fps=[input_fp], engines=[engine_name(engine)] if eid else [], started=started,
                    expected=indices, label=label)
 
 
@@ -494,7 +501,7 @@ def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1) 
     finally:
         if owned:
             release_all(chat)
-    return publish_run(recipe, stages, run_url, model_id=engine_id(chat))
+    return publish_run(recipe, stages, run_url, model_id=engine_name(chat))
 
 
 def run(recipe: str | Any, sets: Mapping[str, Any] | list[str] | None = None, *, out: str | None = None,

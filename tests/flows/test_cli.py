@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main, parse_set
+from flows.cli import main
+from flows.recipe import parse_sets
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +45,8 @@ def test_recipes_lists_parameters(capsys):
 
 
 def test_parse_set_yaml_scalars_and_nesting():
-    assert parse_set(["n=5", "early_stop=false", "model=null", "deita.budget=6000", "name=abc"]) == {
-        "n": 5, "early_stop": False, "model": None, "deita": {"budget": 6000}, "name": "abc"}
+    assert parse_sets(["n=5", "early_stop=false", "model=null", "deita.budget=6000", "name=abc"]) == [
+        ("n", 5), ("early_stop", False), ("model", None), ("deita.budget", 6000), ("name", "abc")]
 
 
 def test_unknown_recipe(capsys):

@@ -5,7 +5,7 @@ import random
 import polars as pl
 import pytest
 
-from flows.curate import CurateParams, curate
+from flows.runner import run
 
 
 @pytest.fixture()
@@ -30,7 +30,7 @@ def test_curate_user_file_then_rethreshold_reuses_scores(user_file, tmp_path):
     out = tmp_path / "run"
     base = dict(input=str(path), mapping={"instruction": "question", "response": "answer"}, shard_size=50,
                 out=str(out))
-    result = curate(CurateParams(**base, zipfit={"enabled": True, "target": str(target), "top_k": 100}))
+    result = run("curate", {**base, "zipfit": {"enabled": True, "target": str(target), "top_k": 100}})
     assert result["dropped"]["minhash_duplicate"] == 20
     assert result["dropped"]["instruction_ends_with_colon"] == 1
     assert result["dropped"]["zipfit_not_selected"] == 142 - 1 - 20 - 100
@@ -45,7 +45,7 @@ def test_curate_user_file_then_rethreshold_reuses_scores(user_file, tmp_path):
     assert "minhash_duplicate" in card and "zipfit_not_selected" in card
 
     score_dirs = sorted(p.name for p in (out / "stages").glob("minhash_score-*"))
-    again = curate(CurateParams(**base, minhash={"threshold": 0.95}))
+    again = run("curate", {**base, "minhash": {"threshold": 0.95}})
     assert sorted(p.name for p in (out / "stages").glob("minhash_score-*")) == score_dirs  # scores reused
     assert len(list((out / "stages").glob("minhash-*"))) == 2  # a new selection stage
     assert again["dropped"]["minhash_duplicate"] <= 20 and "zipfit_not_selected" not in again["dropped"]
@@ -53,6 +53,9 @@ def test_curate_user_file_then_rethreshold_reuses_scores(user_file, tmp_path):
 
 def test_curate_zipfit_without_target_is_a_clear_error(user_file, tmp_path):
     path, _ = user_file
-    with pytest.raises(ValueError, match="target"):
-        curate(CurateParams(input=str(path), mapping={"instruction": "question", "response": "answer"},
-                            out=str(tmp_path / "r"), zipfit={"enabled": True}))
+    from flows.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="target"):  # before any stage runs
+        run("curate", {"input": str(path), "mapping": {"instruction": "question", "response": "answer"},
+                       "out": str(tmp_path / "r"), "zipfit": {"enabled": True}})
+    assert not (tmp_path / "r").exists()

@@ -3,22 +3,18 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.magpie_dpo import MagpieDPOParams
 
 
 def test_recipe_defaults_and_nested_reward_overrides():
-    from flows.cli import build_params
-    from flows.recipes import recipe
+    from flows.recipe import build_steps, load_recipe
 
-    flow_fn, params_model, default_yaml = recipe("magpie-dpo")
-    assert params_model is MagpieDPOParams and default_yaml.exists()
-    params = build_params("magpie-dpo", params_model, default_yaml, None,
-                          ["n=200", "samples=5", "reward.model=Skywork/Skywork-Reward-V2-Llama-3.1-8B"], None)
-    assert params.samples == 5 and params.temperature == 0.8 and params.top_p == 1.0
-    assert params.test_size == 0.02 and params.margin == 0.0
-    assert params.reward.model == "Skywork/Skywork-Reward-V2-Llama-3.1-8B" and params.reward.template == "chat"
-    # The YAML documents exactly the model's defaults.
-    assert build_params("magpie-dpo", params_model, default_yaml, None, [], None) == MagpieDPOParams()
+    recipe = load_recipe("magpie-dpo", sets=["n=200", "samples=5", "reward.model=Skywork/Skywork-Reward-V2-Llama-3.1-8B"])
+    steps = {s.name: s for s in build_steps(recipe)}
+    bon = steps["best_of_n"].config
+    assert bon.k == 5 and bon.temperature == 0.8 and bon.top_p == 1.0
+    assert recipe.publish.test_size == 0.02 and recipe.publish.margin == 0.0 and recipe.publish.format == "preference"
+    reward = steps["reward_label"].config
+    assert reward.model == "Skywork/Skywork-Reward-V2-Llama-3.1-8B" and reward.template == "chat"
 
 
 def stage_dirs(run: Path, name: str) -> list[str]:
@@ -31,19 +27,20 @@ def test_magpie_dpo_end_to_end_judge_then_reward_model(engine, tmp_path, monkeyp
     from trl.data_utils import is_conversational, maybe_apply_chat_template
 
     from engines.reward import build_random_reward_model
-    from flows.magpie_dpo import magpie_dpo
+    from flows.publishing import NothingSurvived
+    from flows.runner import run
 
     monkeypatch.setenv("ALIGNFORGE_QUIET", "1")
     run = tmp_path / "run"
     base = dict(n=6, samples=3, shard_size=3, max_tokens_instruction=48, max_tokens_response=48,
                 drop_truncated=False, out=str(run))
-    result = magpie_dpo(base, engine=engine)
+    result = run("magpie-dpo", base, engine=engine)
     assert result["dataset"] == f"{run}/publish", result
-    groups = result["candidate_groups"]
+    groups = result["configs"]["candidates"]
     assert result["rows_kept"] >= 1 and groups >= result["rows_kept"]
     # Every instruction that got candidates is either a pair or a counted pair drop.
     pair_drops = sum(v for k, v in result["dropped"].items() if k.startswith("pair:"))
-    instructions = pl.read_parquet(run / "stages" / stage_dirs(run, "dedup_instructions")[0] / "part-*.parquet")
+    instructions = pl.read_parquet(run / "stages" / stage_dirs(run, "exact_dedup")[0] / "part-*.parquet")
     assert result["rows_kept"] + pair_drops == instructions.height
 
     prefs = load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]
@@ -63,14 +60,14 @@ def test_magpie_dpo_end_to_end_judge_then_reward_model(engine, tmp_path, monkeyp
     assert "magpie-dpo" in (run / "publish" / "README.md").read_text()
 
     # Same params again: every stage resumes from its committed output, same pairs.
-    again = magpie_dpo(base, engine=engine)
+    again = run("magpie-dpo", base, engine=engine)
     assert again["rows_kept"] == result["rows_kept"]
     assert list(load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]["id"]) == list(prefs["id"])
 
     # Swap in a reward model: generation is reused (same stage folders), only labelling reruns.
     candidates_before = stage_dirs(run, "best_of_n")
     folder = build_random_reward_model(tmp_path / "rm", max_length=512)
-    with_rm = magpie_dpo({**base, "reward": {"model": str(folder), "backend": "transformers"}}, engine=engine)
+    with_rm = run("magpie-dpo", {**base, "reward": {"model": str(folder), "backend": "transformers"}}, engine=engine)
     assert stage_dirs(run, "best_of_n") == candidates_before
     assert len(stage_dirs(run, "reward_label")) == 2
     scores = load_dataset("parquet", data_dir=f"{run}/publish/data")["train"]
@@ -79,7 +76,9 @@ def test_magpie_dpo_end_to_end_judge_then_reward_model(engine, tmp_path, monkeyp
 
     # An unusable reward model (no chat template): counted drops and a clear report, no crash.
     bad = build_random_reward_model(tmp_path / "rm-no-template", max_length=512, chat_template=False)
-    failed = magpie_dpo({**base, "reward": {"model": str(bad), "backend": "transformers"}}, engine=engine)
-    assert failed["dataset"] is None and failed["rows_kept"] == 0
-    assert failed["dropped"]["reward_no_chat_template"] >= 2
-    assert "template='plain'" in failed["reward_errors"][0]
+    with pytest.raises(NothingSurvived) as failed:
+        run("magpie-dpo", {**base, "reward": {"model": str(bad), "backend": "transformers"}}, engine=engine)
+    assert "reward_no_chat_template" in str(failed.value) and "template='plain'" in str(failed.value)
+    # publish/ holds this run (empty pairs, its rejected rows and card), never the previous run's pairs.
+    assert pl.read_parquet(run / "publish" / "data" / "*.parquet").height == 0
+    assert "reward_no_chat_template" in (run / "publish" / "README.md").read_text()

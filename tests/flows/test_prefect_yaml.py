@@ -1,4 +1,4 @@
-"""prefect.yaml: one deployment per recipe, entrypoints that resolve to the recipe's flow."""
+"""prefect.yaml: one deployment per built-in recipe, entrypoints and params that load."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ from pathlib import Path
 
 import yaml
 
-from flows.recipes import RECIPES, recipe
+from flows.recipe import builtin_recipes, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_recipe_has_a_deployment_with_a_valid_entrypoint_and_params():
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    by_flow = {}
+    covered = set()
     for dep in deployments:
         path, _, name = dep["entrypoint"].partition(":")
         assert (REPO / path).exists(), dep["entrypoint"]
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        by_flow[getattr(module, name)] = dep
+        assert callable(getattr(module, name))
         assert dep["schedules"][0]["cron"]
-    for name in RECIPES:
-        flow_fn, params_model, _ = recipe(name)
-        assert flow_fn in by_flow, f"recipe {name} has no deployment in prefect.yaml"
-        params_model(**by_flow[flow_fn]["parameters"]["params"])  # the example params validate
+        params = dep["parameters"]
+        load_recipe(params["recipe"], sets=params.get("params") or {}, out=params.get("out"))  # validates
+        covered.add(params["recipe"])
+    assert {"magpie-sft", "magpie-dpo", "curate"} <= covered
+    assert set(builtin_recipes()) >= covered

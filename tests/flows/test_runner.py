@@ -1,35 +1,49 @@
-"""flows.runner: resumable shard mapping, global selections, fingerprinted stage folders."""
+"""flows.runner: resumable shard mapping, global steps, fingerprints, workers, input content."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
 
 import polars as pl
 import pytest
 
-from flows.runner import run_global, run_step, seed_shards, stage_summary
-from alignforge.step import Step, StepConfig
+from alignforge.step import GlobalStep, Step, StepConfig
+from flows.runner import run, run_global, run_map, seed_shards, stage_summary
+
+CALLS: list[int] = []
 
 
 class AddOneConfig(StepConfig):
     offset: int = 1
-    fail_on_seed: int | None = None
 
 
 class AddOne(Step):
     name = "add_one"
     Config = AddOneConfig
 
-    def __init__(self, config=None, **kw):
-        super().__init__(config, **kw)
-        self.calls = 0
-
     def __call__(self, df):
-        self.calls += 1
-        if self.config.fail_on_seed is not None and self.config.fail_on_seed in df["seed"].to_list():
+        CALLS.append(df.height)
+        if getattr(self, "crash_on", None) in df["seed"].to_list():
             raise RuntimeError("killed")
-        self.stats = {"generated_tokens": df.height}
+        self.stats = {"generated_tokens": df.height, "my_counter": 2, "nested": {"errors": 1}}
         return df.with_columns((pl.col("seed") + self.config.offset).alias("value"),
                                (pl.col("seed") % 5 != 0).alias("keep"),
                                pl.when(pl.col("seed") % 5 == 0).then(pl.lit("multiple_of_5")).alias("drop_reason"))
+
+
+class EvenOnly(GlobalStep):
+    name = "even_only"
+    Config = StepConfig
+
+    def select_columns(self):
+        return ["seed"]
+
+    def select(self, scores):
+        table = scores.collect() if isinstance(scores, pl.LazyFrame) else scores
+        return table.select("id", pl.when(pl.col("seed") % 2 == 1).then(pl.lit("odd")).otherwise(None)
+                            .alias("_reason"))
 
 
 def test_seed_shards_deterministic(tmp_path):
@@ -39,42 +53,75 @@ def test_seed_shards_deterministic(tmp_path):
     assert seed_shards(10, 4, str(tmp_path)).url == a.url  # same folder, reused
 
 
-def test_run_step_resumes_skipping_committed_shards(tmp_path, capsys):
+def test_run_map_resumes_skipping_committed_shards_and_keeps_all_stats(tmp_path, capsys):
     seeds = seed_shards(12, 4, str(tmp_path))
-    # A config with a failure would get its own folder; emulate a crash with the same fingerprint instead.
-    step = AddOne()
-    original = step.__call__
-    step.__class__ = type("Crashing", (AddOne,), {"__call__": lambda self, df: (_ for _ in ()).throw(RuntimeError("kill"))
-                          if 8 in df["seed"].to_list() else original(df)})
+    crashing = AddOne()
+    crashing.crash_on = 8
+    CALLS.clear()
     with pytest.raises(RuntimeError):
-        run_step(step, seeds, str(tmp_path))
-    fresh = AddOne()
-    out = run_step(fresh, seeds, str(tmp_path))
-    assert fresh.calls == 1  # only the shard that was not written
+        run_map(crashing, seeds, str(tmp_path))
+    CALLS.clear()
+    out = run_map(AddOne(), seeds, str(tmp_path))
+    assert len(CALLS) == 1  # only the shard that was not written
     assert out.committed and out.url.endswith(f"stages/add_one-{out.manifest()['fingerprint'][:12]}")
-    kept = out.read()
-    assert kept["seed"].to_list() == [s for s in range(12) if s % 5]
+    assert out.read()["seed"].to_list() == [s for s in range(12) if s % 5]
     assert out.read(rejected=True)["drop_reason"].to_list() == ["multiple_of_5"] * 3
     summary = stage_summary(out)
     assert summary["rows_in"] == 12 and summary["rows_out"] == 9 and summary["dropped"] == {"multiple_of_5": 3}
-    line = capsys.readouterr().err
-    assert "[add_one] rows in 12 -> out 9; dropped: multiple_of_5 3" in line
+    assert "[add_one] rows in 12 -> out 9; dropped: multiple_of_5 3" in capsys.readouterr().err
+    # Every key of step.stats reaches the manifest (summed over shards), not just tokens.
+    step_stats = out.manifest()["stats"]["step"]
+    assert step_stats["my_counter"] == 2 * 3 and step_stats["nested"] == {"errors": 3}
 
-    again = AddOne()
-    assert run_step(again, seeds, str(tmp_path)).url == out.url and again.calls == 0  # finished: untouched
-    other = run_step(AddOne(offset=2), seeds, str(tmp_path))
-    assert other.url != out.url  # config change -> new folder, recomputed
+    CALLS.clear()
+    assert run_map(AddOne(), seeds, str(tmp_path)).url == out.url and CALLS == []  # finished: untouched
+    assert run_map(AddOne(offset=2), seeds, str(tmp_path)).url != out.url  # config change -> new folder
 
 
-def test_run_global_marks_rows_and_reports_missing_columns(tmp_path):
-    seeds = seed_shards(6, 3, str(tmp_path))
-
-    def drop_odd(rows: pl.LazyFrame) -> pl.DataFrame:
-        return rows.select("id", (pl.col("seed") % 2 == 0).alias("keep"),
-                           pl.lit("odd").alias("drop_reason")).collect()
-
-    out = run_global("even_only", drop_odd, seeds, str(tmp_path), config={"x": 1})
+def test_run_global_scores_selects_and_marks(tmp_path):
+    seeds = seed_shards(6, 4, str(tmp_path))
+    out = run_global(EvenOnly(), seeds, str(tmp_path))
     assert out.read()["seed"].to_list() == [0, 2, 4]
     assert out.read(rejected=True)["drop_reason"].to_list() == ["odd"] * 3
-    with pytest.raises(ValueError, match="must return columns id, keep, drop_reason"):
-        run_global("bad", lambda rows: rows.select("id").collect(), seeds, str(tmp_path))
+    assert out.manifest()["rows"] == {"in": 6, "kept": 3, "dropped": 3, "dropped_by_reason": {"odd": 3}}
+
+
+def _curate_input(path: Path, rows: int = 90) -> Path:
+    lines = [{"instruction": f"Explain topic {i % 70} in simple words please", "response": f"Answer number {i}."}
+             for i in range(rows)]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return path
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.parquet"))}
+
+
+def test_output_is_byte_identical_for_any_number_of_workers(tmp_path):
+    data = _curate_input(tmp_path / "in.jsonl")
+    sets = {"input": str(data), "kind": "sft", "shard_size": 10}
+    one = run("curate", sets, out=str(tmp_path / "w1"), workers=1)
+    four = run("curate", sets, out=str(tmp_path / "w4"), workers=4)
+    assert one["rows_kept"] == four["rows_kept"] and one["dropped"] == four["dropped"]
+    assert one["dropped"]["minhash_duplicate"] == 20
+    digest1 = _tree_digest(tmp_path / "w1" / "stages")
+    assert digest1 and digest1 == _tree_digest(tmp_path / "w4" / "stages")
+    assert _tree_digest(tmp_path / "w1" / "publish") == _tree_digest(tmp_path / "w4" / "publish")
+
+
+def test_editing_an_input_row_republishes_the_new_text(tmp_path):
+    """Same id, new content: the input stage's fingerprint covers the bytes, so it recomputes."""
+    path = tmp_path / "in.jsonl"
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Question {i} about cells?"},
+                                         {"role": "assistant", "content": f"Original answer {i}."}]}
+            for i in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    run("curate", {"input": str(path)}, out=str(out))
+    rows[2]["messages"][1]["content"] = "An edited answer."
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run("curate", {"input": str(path)}, out=str(out))
+    published = pl.read_parquet(out / "publish" / "data" / "*.parquet").sort("id")
+    answers = [m[1]["content"] for m in published["messages"].to_list()]
+    assert "An edited answer." in answers and "Original answer 2." not in answers

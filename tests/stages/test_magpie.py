@@ -6,8 +6,8 @@ import polars as pl
 import pytest
 
 from engines.scripted import ScriptedEngine
-from stages.magpie import (FOLLOWUP_SYSTEM_PROMPT, MagpieChecks, MagpieInstructions, MagpieResponses,
-                           sanitize_instruction, select_first_of_duplicates, template_tokens)
+from engines.chat_template import template_tokens
+from stages.magpie import FOLLOWUP_SYSTEM_PROMPT, MagpieInstructions, MagpieResponses, sanitize_instruction
 
 SEEDS = pl.DataFrame({"seed": [0, 1, 2, 3]})
 
@@ -92,8 +92,10 @@ def test_stop_token_left_in_text_is_cut():
 
 def test_sanitize_option():
     engine = ScriptedEngine(lambda p, s, i: "Task: Explain gravity. Answer: mass")
-    assert MagpieInstructions(engine=engine)(SEEDS.head(1))["instruction"][0] == "Task: Explain gravity. Answer: mass"
-    assert MagpieInstructions(engine=engine, sanitize=True)(SEEDS.head(1))["instruction"][0] == "Explain gravity."
+    raw = MagpieInstructions(engine=engine, sanitize=False)(SEEDS.head(1))
+    assert raw["instruction"][0] == "Task: Explain gravity. Answer: mass"
+    # On by default (the step config is the one place the default lives; recipes don't restate it).
+    assert MagpieInstructions(engine=engine)(SEEDS.head(1))["instruction"][0] == "Explain gravity."
 
 
 def test_system_prompt_variants_are_deterministic_and_used():
@@ -203,24 +205,6 @@ def test_multi_turn_failed_followup_drops_the_row():
     engine = ScriptedEngine(lambda p, s, i: "" if p.endswith("<|im_start|>user\n") else "Sure.")
     out = MagpieResponses(engine=engine, turns=2)(_instructions("First?"))
     assert out["drop_reason"].to_list() == ["empty_instruction"]
-
-
-# ------------------------------------------------------------------ checks and dedup
-
-def test_checks_and_exact_dedup_keep_lowest_id():
-    rows = pl.DataFrame({
-        "id": ["b", "a", "c", "d"],
-        "instruction": ["Hi there", "hi  there ", "Other", "Bad"],
-        "messages": [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Yo"}],
-                     [{"role": "user", "content": "hi  there "}, {"role": "assistant", "content": "Yo"}],
-                     [{"role": "user", "content": "Other"}, {"role": "assistant", "content": " "}],
-                     [{"role": "user", "content": "Bad"}, {"role": "assistant", "content": "x <|im_end|>"}]],
-    })
-    checked = MagpieChecks(template_tokens=template_tokens(ScriptedEngine(["x"]).tokenizer))(rows)
-    assert checked["drop_reason"].to_list() == [None, None, "empty_response", "template_leak"]
-    decisions = select_first_of_duplicates(checked.lazy()).sort("id")
-    assert decisions.filter(pl.col("id") == "a")["keep"][0]
-    assert decisions.filter(pl.col("id") == "b")["drop_reason"][0] == "duplicate_instruction"
 
 
 # ------------------------------------------------------------------ real engine
