@@ -78,9 +78,16 @@ class ShardedDataset:
     """
 
     def __init__(self, url: str | os.PathLike, *, storage_options: dict | None = None):
-        self.url = os.fspath(url).rstrip("/") or "/"
+        text = os.fspath(url).strip()
+        if not text.split("://", 1)[-1].strip("/"):
+            raise StorageError(f"{text!r} is no dataset folder: an empty path or a filesystem root. Fix: pass a "
+                               f"folder of its own (e.g. --out runs/x)")
+        self.url = text.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        self.path = self.path.rstrip("/") or "/"
+        self.path = self.path.rstrip("/")
+        if not self.path or (self.is_local and os.path.normpath(os.path.abspath(self.path)) == os.path.abspath(os.sep)):
+            raise StorageError(f"{text!r} is no dataset folder: it is the root of its filesystem. Fix: pass a "
+                               f"folder of its own (e.g. --out runs/x)")
         self._checked_writable = False
 
     def __repr__(self) -> str:
@@ -251,6 +258,14 @@ class ShardedDataset:
                     f"refusing to commit dataset {self.url}: {'; '.join(what)}. Another process may have "
                     f"removed files or be writing this folder at the same time. Fix: make sure no other run "
                     f"uses this run folder, then rerun the same command (missing shards are recomputed)")
+        described = manifest.get("num_shards")
+        if isinstance(described, int) and not isinstance(described, bool):
+            have = len(self.shard_indices())
+            if have != described:  # shards vanished (or appeared) after build_manifest counted them
+                raise StorageError(
+                    f"refusing to commit dataset {self.url}: its manifest describes {described} shard(s) but "
+                    f"{have} are there now. Another process may have removed files or be writing this folder. "
+                    f"Fix: make sure no other run uses this run folder, then rerun the same command")
         self._remove_stale_tmp(None)
         for sub in ((REJECTED_DIR,), (STATS_DIR,)):
             self._remove_stale_tmp(None, *sub)

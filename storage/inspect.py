@@ -87,6 +87,13 @@ def _inspect_published(fs, root: str, url: str, n_examples: int) -> str:
     configs = (header or {}).get("configs") or [
         {"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
     lines = [f"published dataset {url}"]
+    try:
+        with fs.open(posixpath.join(root, "_manifest.json"), "rb") as f:
+            published = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        published = {}
+    if published.get("empty"):
+        lines.append(f"  EMPTY: this run kept no rows. {published.get('empty_reason') or ''}".rstrip())
     default_df = None
     for config in configs:
         name = config["config_name"]

@@ -215,3 +215,24 @@ def test_clear_removes_only_dataset_files(ds):
     ds.write_shard(0, rows(1))
     ds.clear()
     assert not ds.exists()
+
+
+@pytest.mark.parametrize("url", ["", "/", "//", "memory://", "file:///", "/tmp/..", "file:///tmp/../"])
+def test_a_dataset_at_an_empty_or_root_path_is_refused(url):
+    with pytest.raises(StorageError, match=r"no dataset folder: .*Fix: pass a folder"):
+        ShardedDataset(url)
+
+
+def test_commit_refuses_when_shards_vanished_after_the_manifest_counted_them(tmp_path):
+    import shutil
+
+    from storage import build_manifest
+
+    ds = ShardedDataset(tmp_path / "ds")
+    ds.write_shard(0, rows(2))
+    ds.write_shard(1, rows(2, start=2))
+    manifest = build_manifest(step_name="t", step_version=1, dataset=ds)
+    shutil.rmtree(tmp_path / "ds")           # another run cleared the folder meanwhile
+    with pytest.raises(StorageError, match=r"manifest describes 2 shard\(s\) but 0 are there now"):
+        ds.commit(manifest)
+    assert not ds.committed

@@ -39,3 +39,12 @@ def test_inspect_nothing_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no dataset at"):
         inspect_dataset(tmp_path / "empty")
+
+
+def test_inspect_an_empty_publish_says_so(tmp_path):
+    from storage import publish_empty
+
+    publish_empty(tmp_path / "pub", "sft", reason="every row was a duplicate", rejected=frame(3))
+    text = inspect_dataset(tmp_path / "pub")
+    assert "EMPTY: this run kept no rows. every row was a duplicate" in text
+    assert "config 'default' split 'train': 0 rows" in text and "minhash_duplicate: 1" in text
