@@ -515,6 +515,16 @@ def render_card(splits_info, frames, drop_counts, card, manifest) -> str:
     if run_numbers:
         lines += ["## Run", "", "| measure | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in run_numbers.items()] + [""]
+    if card.get("steps"):
+        lines += ["## Steps", "", "| step | version | fingerprint | rows in | kept | dropped by reason |",
+                  "|---|---|---|---|---|---|"]
+        for step in card["steps"]:
+            dropped = ", ".join(f"{r} {n}" for r, n in (step.get("dropped") or {}).items()) or "-"
+            lines.append(f"| {step.get('step')} | {step.get('version')} | `{str(step.get('fingerprint'))[:12]}` | "
+                         f"{step.get('rows_in')} | {step.get('rows_kept')} | {dropped} |")
+        lines += ["", "Full configs and stats of every step:", "", "```json",
+                  json.dumps([{k: step.get(k) for k in ("step", "config", "stats")} for step in card["steps"]],
+                             indent=1, default=str), "```", ""]
     if card.get("params"):
         lines += ["## Parameters", "", "```json", json.dumps(card["params"], indent=1, default=str), "```", ""]
     if card.get("drop_stats"):
