@@ -19,7 +19,7 @@ from pydantic import Field
 
 from engines.base import Sampling
 from schemas import MESSAGES, row_id
-from alignforge.step import EngineStep, Step, StepConfig
+from alignforge.step import EngineStep, Step, StepConfig, StepError
 from stages.magpie import check_response, sample_seed, stop_token_ids, template_tokens
 
 
@@ -47,8 +47,9 @@ def prompts_of(df: pl.DataFrame, system_prompt: str | None = None, where: str = 
     if "instruction" in df.columns:
         head = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return [[*head, {"role": "user", "content": text or ""}] for text in df["instruction"].to_list()]
-    raise ValueError(f"{where}: input needs an `instruction` (string) or `messages` column; got {df.columns}. "
-                     "Fix: run magpie_instructions first or load rows with schemas.mapping.load_rows")
+    raise StepError(f"{where}: input needs an `instruction` (string) or `messages` column; got {df.columns}",
+                    column="instruction",
+                    fix="run magpie_instructions first or load rows with schemas.mapping.load_rows")
 
 
 class BestOfN(EngineStep):
@@ -61,10 +62,9 @@ class BestOfN(EngineStep):
 
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         if "id" not in df.columns:
-            raise ValueError(f"{self.name}: input needs an `id` column (the parent of each candidate); got {df.columns}")
-        if self.engine is None:
-            raise ValueError(f"{self.name}: no engine. Fix: BestOfN(engine=get_engine(...))")
-        cfg, tok = self.config, self.engine.tokenizer
+            raise StepError(f"{self.name}: input needs an `id` column (the parent of each candidate); got {df.columns}",
+                            column="id", fix="load rows with schemas.mapping.load_rows (it assigns ids)")
+        cfg, tok = self.config, self.require_engine().tokenizer
         live = df["keep"].fill_null(True).to_list() if "keep" in df.columns else [True] * df.height
         parents = df["id"].to_list()
         prompts = prompts_of(df, cfg.system_prompt, self.name)
