@@ -68,11 +68,12 @@ class HeuristicsConfig(StepConfig):
     min_language_chars: int = Field(20, ge=0, description="shorter texts are not language-checked")
 
 
-# Lines that carry layout, not content: no word character at all (`{`, `},`, `]`, `---`, `|---|`),
-# a code fence (```python), a lone closing tag (</div>), a bare block end, or a key that only
-# opens a nested value (`"langs": [`, `items = {`: its content is on the following lines).
+# Lines that carry layout, not content: ASCII punctuation only (`{`, `},`, `]`, `---`, `|---|`;
+# an emoji or symbol line is content), a code fence (```python), a lone closing tag (</div>), a
+# bare block end, or a key that only opens a nested value (`"langs": [`, `items = {`: its content
+# is on the following lines).
 _STRUCTURAL_LINE = re.compile(
-    r"[\W_]*|(?:```|~~~)[\w+#.-]*|</[\w:.-]+>|(?:end|fi|done|esac|else|pass|break|continue|return)[:;,]?"
+    r"[!-/:-@\[-`{-~\s]*|(?:```|~~~)[\w+#.-]*|</[\w:.-]+>|(?:end|fi|done|esac|else|pass|break|continue|return)[:;,]?"
     r"|[\"']?[\w .$-]*[\"']?\s*[:=]\s*[\[{(]")
 
 

@@ -113,7 +113,7 @@ def test_pretty_printed_json_is_kept():
     for line in ("{", "},", "]", "],", "```", "```python", "---", "|---|---|", "</div>", "end", "  fi  ", "",
                  '"langs": [', "items = {"):
         assert is_structural_line(line), line
-    for line in ('"name": "Ada",', "return total", "1.", "x = 1", "x = [1, 2]", '"en",'):
+    for line in ('"name": "Ada",', "return total", "1.", "x = 1", "x = [1, 2]", '"en",', "🙂🙂🙂", "→"):
         assert not is_structural_line(line), line
     # Real content lines still count.
     assert repeated_line_counts("{\n  a\n  a\n}\n{\n  a\n}") == (2, 3)
