@@ -359,14 +359,23 @@ def _type_name(ann: Any) -> str:
 
 
 def build_steps(recipe: Recipe) -> list[Any]:
-    """Step instances of the enabled steps, configs validated (engines are handed over by the runner)."""
+    """Step instances of the enabled steps, configs validated (engines are handed over by the runner).
+
+    The model's profile (engines.profiles) fills fields the recipe / --set left unset: explicit wins."""
+    from engines.profiles import profile_for
     from flows.steps import step_class
 
+    profile = profile_for(recipe.model)
     steps = []
     for spec in recipe.enabled_steps():
         cls = step_class(spec.name)
-        config = dict(spec.config)
+        applied = {k: v for k, v in profile.get(spec.name, {}).items()
+                   if k in cls.Config.model_fields and k not in spec.config}
+        config = {**applied, **spec.config}
         if "seed" in cls.Config.model_fields and "seed" not in config:
             config["seed"] = recipe.seed
-        steps.append(cls(cls.Config(**config)))
+        step = cls(cls.Config(**config))
+        if applied:
+            step.model_profile = (recipe.model, applied)  # named in the step's stats (the card)
+        steps.append(step)
     return steps

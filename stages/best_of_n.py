@@ -18,6 +18,7 @@ import polars as pl
 from pydantic import Field
 
 from engines.base import Sampling
+from engines.profiles import describe, without_neutral_penalties
 from schemas import MESSAGES, row_id
 from alignforge.step import EngineStep, Step, StepConfig, StepError
 from stages.magpie import check_response, sample_seed, stop_token_ids, template_tokens
@@ -28,6 +29,10 @@ class BestOfNConfig(StepConfig):
     temperature: float = Field(0.8, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0, description="vLLM repetition_penalty (1.0 = none, > 1 "
+                                      "discourages tokens already in the prompt or answer)")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="vLLM frequency_penalty (0 = none)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="vLLM presence_penalty (0 = none)")
     seed: int = 0
     system_prompt: str | None = Field(None, description="system turn put before the instruction (None: none)")
     drop_truncated: bool = Field(True, description="mark candidates cut by max_tokens keep=False ('truncated_response')")
@@ -74,9 +79,13 @@ class BestOfN(EngineStep):
         leak = template_tokens(tok)
         requests = [(i, j) for i in rows for j in range(cfg.k)]
         samplings = [Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                              seed=sample_seed(cfg.seed, parents[i], j, "best_of_n"), stop_token_ids=stop_ids)
+                              seed=sample_seed(cfg.seed, parents[i], j, "best_of_n"), stop_token_ids=stop_ids,
+                              repetition_penalty=cfg.repetition_penalty, frequency_penalty=cfg.frequency_penalty,
+                              presence_penalty=cfg.presence_penalty)
                      for i, j in requests]
         results = self.engine.chat([prompts[i] for i, _ in requests], samplings, desc=self.name) if requests else []
+        # Penalties at their neutral values are left out: ids stay those of runs before the fields existed.
+        id_config = without_neutral_penalties(cfg.model_dump(mode="json"))
 
         out: dict[str, list] = {k: [] for k in ("id", "parent_id", "candidate_index", "messages", "finish_reason",
                                                 "gen_tokens", "keep", "drop_reason")}
@@ -85,7 +94,7 @@ class BestOfN(EngineStep):
             text, reason = check_response(completion.text, completion.finish_reason, leak)
             if reason == "truncated_response" and not cfg.drop_truncated:
                 reason = None
-            out["id"].append(row_id(self.origin, cfg.model_dump(mode="json"), parents[i], j))
+            out["id"].append(row_id(self.origin, id_config, parents[i], j))
             out["parent_id"].append(parents[i])
             out["candidate_index"].append(j)
             out["messages"].append([*prompts[i], {"role": "assistant", "content": text}])
@@ -95,6 +104,9 @@ class BestOfN(EngineStep):
             out["drop_reason"].append(reason)
         self.stats = {"rows_in": df.height, "requests": len(requests), "skipped_inputs": skipped,
                       "generated_tokens": sum(out["gen_tokens"])}
+        profile = getattr(self, "model_profile", None)  # set by flows.recipe.build_steps
+        if profile:
+            self.stats["model_profile"] = describe(*profile)
         return pl.DataFrame({
             "id": pl.Series(out["id"], dtype=pl.Utf8),
             "parent_id": pl.Series(out["parent_id"], dtype=pl.Utf8),

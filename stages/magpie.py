@@ -17,6 +17,7 @@ import polars as pl
 from pydantic import Field
 
 from engines.base import GenerationResult, Sampling
+from engines.profiles import describe, without_neutral_penalties
 from schemas import MESSAGES, row_id
 from alignforge.step import EngineStep, StepConfig, StepError, sample_seed
 from engines.chat_template import (header_token_ids, pre_query_prefix, stop_strings, stop_token_ids,
@@ -103,6 +104,10 @@ class MagpieInstructionsConfig(StepConfig):
     early_stop: bool = Field(True, description="stop at the first newline: single-line queries")
     sanitize: bool = Field(True, description="cut leaked answers, strip 'Task:' / 'Question 1:' labels")
     suppress_headers: bool = Field(False, description="forbid a markdown '#' header as the first token")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="vLLM repetition_penalty (1.0 = none, > 1 "
+                                      "discourages tokens already in the prompt or output)")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="vLLM frequency_penalty (0 = none)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="vLLM presence_penalty (0 = none)")
 
 
 class MagpieInstructions(EngineStep):
@@ -135,7 +140,10 @@ class MagpieInstructions(EngineStep):
             chosen.append(sp)
             samplings.append(Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                       seed=sample_seed(cfg.seed, s), stop=stops, stop_token_ids=stop_ids,
-                                      first_token_bias=bias, skip_special_tokens=False))
+                                      first_token_bias=bias, skip_special_tokens=False,
+                                      repetition_penalty=cfg.repetition_penalty,
+                                      frequency_penalty=cfg.frequency_penalty,
+                                      presence_penalty=cfg.presence_penalty))
         results = self.engine.complete([prefixes[sp] for sp in chosen], samplings, desc=self.name) if seeds else []
 
         rows: dict[str, list] = {k: [] for k in ("instruction", "gen_tokens", "keep", "drop_reason")}
@@ -168,10 +176,17 @@ class MagpieResponsesConfig(StepConfig):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (default); Magpie's option: 0.6 / top_p 0.9")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0, description="responses: vLLM repetition_penalty (1.0 = none, "
+                                      "the paper's; > 1 discourages tokens already in the prompt or answer)")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM frequency_penalty (0 = none)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM presence_penalty (0 = none)")
     # Follow-up queries (turn >= 2) are sampled like first queries.
     followup_temperature: float = Field(1.0, ge=0.0)
     followup_top_p: float = Field(1.0, gt=0.0, le=1.0)
     followup_max_tokens: int = Field(128, ge=1)
+    followup_repetition_penalty: float = Field(1.0, gt=0.0, description="follow-up queries: vLLM repetition_penalty")
+    followup_frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="follow-up queries: frequency_penalty")
+    followup_presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="follow-up queries: presence_penalty")
     early_stop: bool = True
     sanitize: bool = True
     followup_system_prompt: str = FOLLOWUP_SYSTEM_PROMPT
@@ -210,7 +225,10 @@ class MagpieResponses(EngineStep):
                            for i in idx]
                 samplings = [Sampling(temperature=cfg.followup_temperature, top_p=cfg.followup_top_p,
                                       max_tokens=cfg.followup_max_tokens, seed=sample_seed(cfg.seed, parents[i], turn, "q"),
-                                      stop=q_stops, stop_token_ids=stop_ids, skip_special_tokens=False) for i in idx]
+                                      stop=q_stops, stop_token_ids=stop_ids, skip_special_tokens=False,
+                                      repetition_penalty=cfg.followup_repetition_penalty,
+                                      frequency_penalty=cfg.followup_frequency_penalty,
+                                      presence_penalty=cfg.followup_presence_penalty) for i in idx]
                 results = self.engine.complete(prompts, samplings, desc=f"{self.name} turn {turn} queries") if idx else []
                 for i, result in zip(idx, results):
                     c = _first(result)
@@ -223,7 +241,9 @@ class MagpieResponses(EngineStep):
             idx = [i for i in range(n) if alive[i]]
             samplings = [Sampling(temperature=cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0,
                                   max_tokens=cfg.max_tokens, seed=sample_seed(cfg.seed, parents[i], turn, "a"),
-                                  stop_token_ids=stop_ids) for i in idx]
+                                  stop_token_ids=stop_ids, repetition_penalty=cfg.repetition_penalty,
+                                  frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)
+                         for i in idx]
             # The answer sees the plain history (no follow-up system prompt).
             results = self.engine.chat([histories[i] for i in idx], samplings,
                                        desc=f"{self.name} turn {turn} responses") if idx else []
@@ -237,10 +257,15 @@ class MagpieResponses(EngineStep):
                     histories[i].append({"role": "assistant", "content": text})
 
         self.stats = {"generated_tokens": sum(tokens), "requests": n}
+        profile = getattr(self, "model_profile", None)  # set by flows.recipe.build_steps
+        if profile:
+            self.stats["model_profile"] = describe(*profile)
+        # Penalties at their neutral values are left out: ids stay those of runs before the fields existed.
+        id_config = without_neutral_penalties(cfg.model_dump(mode="json"))
         out = df.drop([c for c in ("id", "parent_id", "origin", "gen_tokens", "keep", "drop_reason", "messages")
                        if c in df.columns])
         return out.with_columns(
-            pl.Series("id", [row_id(self.origin, cfg.model_dump(mode="json"), p) for p in parents], dtype=pl.Utf8),
+            pl.Series("id", [row_id(self.origin, id_config, p) for p in parents], dtype=pl.Utf8),
             pl.Series("parent_id", parents, dtype=pl.Utf8),
             pl.lit(self.origin, dtype=pl.Utf8).alias("origin"),
             pl.Series("messages", histories, dtype=MESSAGES),
