@@ -60,3 +60,30 @@ def test_truncated_candidates_are_marked(engine):
     out = BestOfN(engine=engine, k=2, max_tokens=2)(instructions(["Write a long essay about the ocean."]))
     assert out["keep"].to_list() == [False, False]
     assert set(out["drop_reason"].to_list()) == {"truncated_response"}
+
+
+# ------------------------------------------------------------------ sampling penalties (issue 15)
+
+def test_penalties_reach_every_candidate_request():
+    from engines.scripted import ScriptedEngine
+
+    seen = []
+    engine = ScriptedEngine(lambda p, s, i: seen.append(s) or "An answer.")
+    BestOfN(engine=engine, k=2, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.3)(
+        instructions(["q1", "q2"]))
+    assert [(s.repetition_penalty, s.frequency_penalty, s.presence_penalty) for s in seen] == [(1.1, 0.2, 0.3)] * 4
+    seen.clear()
+    BestOfN(engine=engine, k=1)(instructions(["q1"]))
+    assert (seen[0].repetition_penalty, seen[0].frequency_penalty, seen[0].presence_penalty) == (1.0, 0.0, 0.0)
+
+
+def test_ids_with_neutral_penalties_are_those_of_the_code_before_the_fields():
+    from engines.scripted import ScriptedEngine
+
+    engine = ScriptedEngine(["An answer."])
+    df = pl.DataFrame({"id": ["p0", "p1"], "instruction": ["Q one?", "Q two?"]})
+    # Computed with the code before the penalty fields existed (commit bfbe9bd).
+    before = ["a7c21642a2e8ea13", "fa729f631d601e27", "e3958621ea046c41", "862901843fbf9315"]
+    assert BestOfN(engine=engine, k=2)(df)["id"].to_list() == before
+    assert BestOfN(engine=engine, k=2, presence_penalty=0.0)(df)["id"].to_list() == before
+    assert set(BestOfN(engine=engine, k=2, presence_penalty=0.5)(df)["id"].to_list()).isdisjoint(before)

@@ -234,3 +234,57 @@ def test_magpie_on_real_engine_is_clean_and_deterministic(engine):
     again = MagpieResponses(engine=engine, max_tokens=48)(second.filter(pl.col("keep")))
     assert again["id"].to_list() == answered["id"].to_list()
     assert again["messages"].to_list() == answered["messages"].to_list()
+
+
+# ------------------------------------------------------------------ sampling penalties (issue 15)
+
+def test_penalties_reach_sampling_of_every_request():
+    seen = {"query": [], "answer": []}
+
+    def respond(prompt, s, i):
+        kind = "query" if prompt.endswith("<|im_start|>user\n") else "answer"
+        seen[kind].append((s.repetition_penalty, s.frequency_penalty, s.presence_penalty))
+        return "And then?" if kind == "query" else "Sure."
+
+    engine = ScriptedEngine(respond)
+    MagpieInstructions(engine=engine, repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.4)(SEEDS)
+    assert seen["query"] == [(1.2, 0.3, 0.4)] * 4
+    seen["query"].clear()
+    MagpieResponses(engine=engine, turns=2, repetition_penalty=1.05, frequency_penalty=0.1, presence_penalty=0.2,
+                    followup_repetition_penalty=1.3, followup_frequency_penalty=0.5,
+                    followup_presence_penalty=0.6)(_instructions("First?", "Other?"))
+    assert seen["answer"] == [(1.05, 0.1, 0.2)] * 4  # both turns' responses
+    assert seen["query"] == [(1.3, 0.5, 0.6)] * 2  # the turn-2 follow-up queries
+
+
+def test_penalty_defaults_are_the_papers_neutral_values():
+    seen = []
+    engine = ScriptedEngine(lambda p, s, i: seen.append(s) or "Sure.")
+    MagpieResponses(engine=engine)(_instructions("First?"))
+    assert (seen[0].repetition_penalty, seen[0].frequency_penalty, seen[0].presence_penalty) == (1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        MagpieResponses(repetition_penalty=0.0)
+
+
+def test_response_ids_with_neutral_penalties_are_those_of_the_code_before_the_fields():
+    # Computed with the code before the penalty fields existed (commit bfbe9bd): published ids
+    # of runs at the neutral penalties must not change.
+    engine = ScriptedEngine(["An answer."])
+    df = pl.DataFrame({"id": ["p0", "p1"], "instruction": ["Q one?", "Q two?"]})
+    assert MagpieResponses(engine=engine)(df)["id"].to_list() == ["abcecc9982b91e54", "a1fa0ff38ea537df"]
+    explicit = MagpieResponses(engine=engine, turns=2, seed=3, repetition_penalty=1.0, frequency_penalty=0.0,
+                               presence_penalty=0.0, followup_repetition_penalty=1.0)
+    assert explicit(df)["id"].to_list() == ["7a72c39aa84b95ba", "b2a3217bee94b604"]
+    # A real penalty is a different config: different ids.
+    penalised = MagpieResponses(engine=engine, repetition_penalty=1.05)(df)["id"].to_list()
+    assert set(penalised).isdisjoint({"abcecc9982b91e54", "a1fa0ff38ea537df"})
+
+
+def test_model_profile_is_named_in_the_stats():
+    step = MagpieResponses(engine=ScriptedEngine(["Sure."]), repetition_penalty=1.05)
+    step.model_profile = (None, {"repetition_penalty": 1.05})  # what flows.recipe.build_steps sets
+    step(_instructions("First?"))
+    assert step.stats["model_profile"] == "SmolLM2-135M-Instruct profile: repetition_penalty=1.05"
+    plain = MagpieResponses(engine=ScriptedEngine(["Sure."]))
+    plain(_instructions("First?"))
+    assert "model_profile" not in plain.stats

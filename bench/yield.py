@@ -1,0 +1,89 @@
+"""Yield of the demo recipe vs the response repetition penalty (issue 15, README "Model profiles").
+
+The demo recipe (`magpie-sft`, the runner, checks, dedup, publish) runs end to end on ONE engine for
+each (turns, repetition_penalty): the kept share of the requested conversations, why the others
+were dropped, and the mean words of the kept assistant turns. Every run sets
+`steps.magpie_responses.repetition_penalty` explicitly, so the model profile never decides it; the
+instructions are the same for every penalty (same seeds, cached stage). One run folder per turns
+setting: instruction stages are reused; each run's publish is read right after it.
+
+    python -m bench.yield [--n 50] [--turns 1 2] [--penalties 1.0 1.05 1.1] [--model PATH]
+    python -m bench.yield --runs 1:1.05 2:1.05 1:1.0     # explicit (turns:penalty) runs, in this order
+
+Run it under `flock /tmp/alignforge-vllm.lock` on a shared machine (it starts vLLM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+
+def mean_words(messages_rows: list) -> tuple[float, int]:
+    words = [len((m["content"] or "").split()) for msgs in messages_rows for m in msgs if m["role"] == "assistant"]
+    return (sum(words) / len(words) if words else 0.0), len(words)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--turns", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.05, 1.1])
+    parser.add_argument("--runs", nargs="+", default=None, help="turns:penalty pairs to run in this order "
+                        "(instead of every --turns x --penalties); the table is sorted")
+    parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--work", default=None, help="run folders (default: a temporary folder)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "yield.md"))
+    args = parser.parse_args()
+    os.environ.setdefault("ALIGNFORGE_QUIET", "1")
+
+    import polars as pl
+
+    from engines import get_engine, shutdown_all
+    from flows.runner import run
+
+    engine = get_engine(args.model, progress=False)
+    work = Path(args.work or tempfile.mkdtemp(prefix="alignforge-yield-"))
+    header = ("| turns | repetition_penalty | kept | kept share | dropped (by reason) | mean words / response "
+              "| tokens | seconds | load (1 min) |\n|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    rows: dict[tuple[int, float], str] = {}
+    runs = ([(int(t), float(p)) for t, p in (r.split(":") for r in args.runs)] if args.runs
+            else [(t, p) for t in args.turns for p in args.penalties])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        when = time.strftime("%Y-%m-%d %H:%M")
+        out.write_text(
+            f"# Demo yield vs repetition penalty (`python -m bench.yield`)\n\n"
+            f"{when}, {platform.machine()}, {os.cpu_count()} cores, model {engine.model_id}, magpie-sft n={args.n}, "
+            f"greedy responses, max 512 tokens; every other setting is the recipe's.\n\n"
+            + "\n".join([header, *(rows[k] for k in sorted(rows))]) + "\n")
+
+    try:
+        for turns, penalty in runs:
+            sets = {"n": args.n, "turns": turns, "steps.magpie_responses.repetition_penalty": penalty}
+            load0 = os.getloadavg()[0]
+            started = time.perf_counter()
+            result = run("magpie-sft", sets, out=str(work / f"turns{turns}"), engine=engine, workers=1)
+            seconds = time.perf_counter() - started
+            load = (load0 + os.getloadavg()[0]) / 2
+            data = pl.read_parquet(f"{result['dataset']}/data/*.parquet")
+            words, _ = mean_words(data["messages"].to_list())
+            drops = ", ".join(f"{k} {v}" for k, v in result["dropped"].items()) or "none"
+            kept = result["rows_kept"]
+            rows[(turns, penalty)] = (f"| {turns} | {penalty:g} | {kept} / {args.n} | {kept / args.n:.0%} | {drops} | "
+                         f"{words:.0f} | {result['generated_tokens']} | {seconds:.0f} | {load:.1f} |")
+            print(rows[(turns, penalty)], flush=True)
+            write()
+    finally:
+        shutdown_all()
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
