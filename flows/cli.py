@@ -119,11 +119,57 @@ def print_result(name: str, result: Any, wall: float) -> None:
     if dataset:
         print(f"  dataset: {dataset}   (datasets.load_dataset('parquet', data_dir='{dataset}'))")
     if "rows_kept" in result:
-        of = f" of {result['rows_requested']}" if "rows_requested" in result else ""
+        requested = result.get("rows_requested")
+        of = f" of {requested} ({result['rows_kept'] / requested:.0%})" if requested else ""
         print(f"  rows: {result['rows_kept']} kept{of}; dropped: {drops}")
+        hint = truncation_hint(result)
+        if hint:
+            print(f"  {hint}")
     if result.get("generated_tokens"):
         print(f"  generation: {result['generated_tokens']} tokens in {result.get('generation_seconds', 0):.1f}s "
               f"= {result.get('tokens_per_second', 0):.1f} tokens/s")
+
+
+def truncation_hint(result: dict) -> str | None:
+    """When most drops are generations cut at max_tokens: which setting to raise (issue 15)."""
+    dropped = result.get("dropped") or {}
+    cut = {reason: n for reason, n in dropped.items() if "truncated" in reason}
+    total = sum(dropped.values())
+    if not cut or sum(cut.values()) * 2 <= total:
+        return None
+    reason = max(cut, key=cut.get)
+    step = next((s["step"] for s in result.get("steps") or [] if reason in (s.get("dropped") or {})), None)
+    fields: tuple[str, ...] = ()
+    if step:
+        from flows.steps import STEPS, step_class
+
+        fields = tuple(step_class(step).Config.model_fields) if step in STEPS else ()
+    where = f"steps.{step}." if step else ""
+    line = (f"most drops are truncations ({sum(cut.values())} of {total} drops; {reason} {cut[reason]}"
+            + (f" in {step}" if step else "") + "): generations hit max_tokens")
+    if "repetition_penalty" in fields and reason != "truncated":  # answers: a looping model, not a short cap
+        now = _published_config(result, step).get("repetition_penalty")
+        if isinstance(now, (int, float)) and now >= 1.15:  # measured: 1.2 truncates more than 1.05 (README)
+            return (f"{line}. Fix: lower {where}repetition_penalty (now {now:g}; a strong penalty makes small models "
+                    f"ramble: --set {where}repetition_penalty=1.05) or raise {where}max_tokens")
+        known = isinstance(now, (int, float))
+        to = 1.1 if known and now >= 1.05 else 1.05  # 1.05 stops most loops of the embedded model (README)
+        return (f"{line}, usually a small model looping under greedy decoding. Fix: raise {where}repetition_penalty"
+                + (f" from {now:g}" if known else "") + f" (--set {where}repetition_penalty={to:g}; README "
+                f"'Model profiles') or raise {where}max_tokens")
+    return f"{line}. Fix: raise {where}max_tokens (--set {where}max_tokens=...)" if "max_tokens" in fields else line
+
+
+def _published_config(result: dict, step: str | None) -> dict:
+    """The config a step ran with, from the published manifest's lineage ({} when unreadable)."""
+    import json
+    from pathlib import Path
+
+    try:
+        manifest = json.loads((Path(result["dataset"]) / "_manifest.json").read_text())
+        return next(e.get("config") or {} for e in manifest.get("lineage") or [] if e.get("name") == step)
+    except (KeyError, OSError, ValueError, StopIteration, TypeError, AttributeError):
+        return {}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
