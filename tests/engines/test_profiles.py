@@ -100,3 +100,50 @@ def test_profile_reaches_sampling_and_the_card(tmp_path, monkeypatch):
                                                "steps.magpie_responses.repetition_penalty=1.0"])
     execute(explicit, str(tmp_path / "explicit"), engine=ScriptedEngine(respond))
     assert seen == [1.0] * 3
+
+
+# ------------------------------------------------------------------ run summary (flows.cli.print_result)
+
+def _result(dataset, dropped, steps, kept=28):
+    return {"dataset": str(dataset), "rows_kept": kept, "rows_requested": 50, "dropped": dropped,
+            "steps": [{"step": s, "rows_in": 50, "rows_kept": 0, "dropped": d} for s, d in steps]}
+
+
+def _published(tmp_path, penalty):
+    folder = tmp_path / "publish"
+    folder.mkdir(exist_ok=True)
+    (folder / "_manifest.json").write_text(json.dumps({"lineage": [
+        {"name": "magpie_responses", "config": {"repetition_penalty": penalty, "max_tokens": 512}}]}))
+    return folder
+
+
+def test_summary_prints_kept_share_and_which_setting_to_raise(tmp_path, capsys):
+    from flows.cli import print_result
+
+    dropped = {"truncated": 2, "truncated_response": 20}
+    steps = [("magpie_instructions", {"truncated": 2}), ("magpie_responses", {"truncated_response": 20})]
+    print_result("magpie-sft", _result(_published(tmp_path, 1.0), dropped, steps), 1.0)
+    out = capsys.readouterr().out
+    assert "28 kept of 50 (56%)" in out
+    assert "most drops are truncations (22 of 22 drops; truncated_response 20 in magpie_responses)" in out
+    assert "raise steps.magpie_responses.repetition_penalty from 1 " in out
+    assert "--set steps.magpie_responses.repetition_penalty=1.05" in out
+
+
+def test_summary_says_lower_a_strong_penalty_and_max_tokens_for_queries(tmp_path):
+    from flows.cli import truncation_hint
+
+    steps = [("magpie_responses", {"truncated_response": 15})]
+    hint = truncation_hint(_result(_published(tmp_path, 1.2), {"truncated_response": 15}, steps))
+    assert "lower steps.magpie_responses.repetition_penalty (now 1.2" in hint
+    hint = truncation_hint(_result(tmp_path / "gone", {"truncated": 5, "empty_response": 1},
+                                   [("magpie_instructions", {"truncated": 5})]))
+    assert "raise steps.magpie_instructions.max_tokens" in hint and "repetition_penalty" not in hint
+
+
+def test_summary_is_quiet_when_truncations_are_not_most_drops(tmp_path):
+    from flows.cli import truncation_hint
+
+    assert truncation_hint(_result(tmp_path, {"truncated_response": 3, "exact_duplicate": 3},
+                                   [("magpie_responses", {"truncated_response": 3})])) is None
+    assert truncation_hint(_result(tmp_path, {}, [])) is None
