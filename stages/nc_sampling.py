@@ -500,3 +500,29 @@ class IIDCandidates(_CandidateSets):
         self.stats["candidates_removed"] = dict(sorted(removed_total.items()))
         paired = self.frame(records)
         return pl.concat([df, paired], how="diagonal_relaxed")
+
+
+def candidate_rows(sets: pl.DataFrame, *, method: str | None = "nc") -> pl.DataFrame:
+    """Kept candidate sets -> one row per candidate, the layout reward_label + schemas.preference take:
+    `id`, `parent_id` (= the set's id), `origin`, `candidate_index`, `messages` (prompt + the candidate).
+
+        rows = candidate_rows(sets)                       # nc_candidates (+ diversity) output
+        scored = RewardLabel(engine=engine)(rows)         # or a reward model
+        pairs = build_preferences(scored)                 # chosen = max reward, rejected = min, per set
+
+    `method`: keep only sets of that method (None: all, e.g. to score i.i.d. sets too)."""
+    live = sets.filter(pl.col("keep").fill_null(True)) if "keep" in sets.columns else sets
+    if method is not None and "method" in live.columns:
+        live = live.filter(pl.col("method") == method)
+    out: dict[str, list] = {"id": [], "parent_id": [], "candidate_index": [], "messages": []}
+    for set_id, prompt, cands in zip(live["id"].to_list(), live["prompt"].to_list(), live["candidates"].to_list()):
+        for c in cands or []:
+            out["id"].append(row_id("nc_candidate@1", set_id, c["index"]))
+            out["parent_id"].append(set_id)
+            out["candidate_index"].append(int(c["index"]))
+            out["messages"].append([*[dict(m) for m in prompt], {"role": "assistant", "content": c["content"]}])
+    n = len(out["id"])
+    return pl.DataFrame({"id": pl.Series(out["id"], dtype=pl.Utf8), "parent_id": pl.Series(out["parent_id"], dtype=pl.Utf8),
+                         "origin": pl.Series(["nc_candidate@1"] * n, dtype=pl.Utf8),
+                         "candidate_index": pl.Series(out["candidate_index"], dtype=pl.Int64),
+                         "messages": pl.Series(out["messages"], dtype=MESSAGES)})

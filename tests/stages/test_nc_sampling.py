@@ -325,3 +325,21 @@ def test_structured_outputs_give_k_candidates_on_the_embedded_model(engine):
     assert step.stats["parsed_json"] == len(questions)
     for cands in out.filter(pl.col("keep"))["candidates"].to_list():
         assert len(cands) == 4 and all(len(c["content"].split()) >= 5 for c in cands)
+
+
+def test_candidate_rows_feed_reward_scoring_and_preferences():
+    from schemas.preference import build_preferences
+    from stages.nc_sampling import candidate_rows
+
+    sets = NCCandidates(engine=nc_engine())(prompts())
+    sets = pl.concat([sets, IIDCandidates(engine=nc_engine(), pair_with_input=True)(sets).filter(
+        pl.col("method") == "iid")], how="diagonal_relaxed")
+    rows = candidate_rows(sets)
+    assert rows.height == 8 and rows["parent_id"].to_list() == [sets["id"][0]] * 4 + [sets["id"][1]] * 4
+    assert rows["messages"][1].to_list()[-1] == {"role": "assistant", "content": sets["candidates"][0][1]["content"]}
+    # A reward per candidate (here: its index) -> one chosen/rejected pair per set.
+    built = build_preferences(rows.with_columns(pl.col("candidate_index").cast(pl.Float64).alias("reward")))
+    assert built.preferences.height == 2
+    chosen = dict(zip(built.preferences["parent_id"], built.preferences["chosen"].to_list()))
+    assert chosen[sets["id"][0]][0]["content"] == sets["candidates"][0][3]["content"]
+    assert candidate_rows(sets, method=None).height == 16
