@@ -71,14 +71,25 @@ class HeuristicsConfig(StepConfig):
 # Lines that carry layout, not content: ASCII punctuation only (`{`, `},`, `]`, `---`, `|---|`;
 # an emoji or symbol line is content), a code fence (```python), a lone closing tag (</div>), a
 # bare block end, or a key that only opens a nested value (`"langs": [`, `items = {`: its content
-# is on the following lines).
-_STRUCTURAL_LINE = re.compile(
-    r"[!-/:-@\[-`{-~\s]*|(?:```|~~~)[\w+#.-]*|</[\w:.-]+>|(?:end|fi|done|esac|else|pass|break|continue|return)[:;,]?"
-    r"|[\"']?[\w .$-]*[\"']?\s*[:=]\s*[\[{(]")
+# is on the following lines). Cheap string tests first: this runs on every line of every row.
+_PUNCTUATION_AND_SPACE = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ \t\r\n\f\v"
+_FENCE = re.compile(r"(?:```|~~~)[\w+#.-]*")
+_CLOSING_TAG = re.compile(r"</[\w:.-]+>")
+_BLOCK_ENDS = frozenset({"end", "fi", "done", "esac", "else", "pass", "break", "continue", "return"})
+_KEY_OPENER = re.compile(r"[\"']?[\w .$-]*[\"']?\s*[:=]\s*[\[{(]")
 
 
 def is_structural_line(line: str) -> bool:
-    return _STRUCTURAL_LINE.fullmatch(line.strip()) is not None
+    text = line.strip()
+    if not text.strip(_PUNCTUATION_AND_SPACE):
+        return True
+    if text.startswith(("```", "~~~")):
+        return _FENCE.fullmatch(text) is not None
+    if text.startswith("</"):
+        return _CLOSING_TAG.fullmatch(text) is not None
+    if text[-1] in "[{(":
+        return _KEY_OPENER.fullmatch(text) is not None
+    return text.rstrip(":;,") in _BLOCK_ENDS and len(text) - len(text.rstrip(":;,")) <= 1
 
 
 def repeated_line_counts(text: str | None) -> tuple[int, int]:
@@ -128,7 +139,12 @@ def exact_bound(value: float) -> Fraction:
 
 def worst_message(messages: list[str], measure) -> Fraction:
     """The highest exact ratio over a row's messages (0 for a row without messages)."""
-    return max((_fraction(measure(m)) for m in messages), default=Fraction(0))
+    best_part, best_whole = 0, 1
+    for text in messages:
+        part, whole = measure(text)
+        if part and part * best_whole > best_part * whole:  # exact: cross-multiplied integers
+            best_part, best_whole = part, whole
+    return Fraction(best_part, best_whole)
 
 
 class _Language:
