@@ -1,7 +1,8 @@
 import polars as pl
 import pytest
 
-from filters.text import EMPTY_TEXT, INVALID_UTF8, mark_drops, response_expr, row_text, unusable_text_reason
+from filters.text import (EMPTY_TEXT, INVALID_UTF8, mark_drops, message_texts, response_expr, row_text,
+                          unusable_text_reason)
 from schemas import MESSAGES, SchemaError
 
 
@@ -52,3 +53,14 @@ def test_mark_drops_never_overwrites_an_earlier_reason():
     assert out["drop_reason"].to_list() == [None, "first", "second"]
     fresh = mark_drops(pl.DataFrame({"a": [1, 2]}), pl.Series([None, "x"], dtype=pl.Utf8))
     assert fresh["keep"].to_list() == [True, False] and fresh["drop_reason"].to_list() == [None, "x"]
+
+
+def test_message_texts_keep_each_turn_apart():
+    convo = pl.DataFrame({"messages": [msgs(("user", "q"), ("assistant", None)), None, []]}, schema={"messages": MESSAGES})
+    assert message_texts(convo) == [["q", ""], [], []]
+    pool = pl.DataFrame({"instruction": ["a", None], "response": ["b", "c"]})
+    assert message_texts(pool) == [["a", "b"], ["", "c"]]
+    pref = pl.DataFrame({"prompt": [msgs(("system", "s"), ("user", "q"))], "chosen": ["yes"]},
+                        schema={"prompt": MESSAGES, "chosen": pl.Utf8})
+    assert message_texts(pref) == [["s", "q", "yes"]]
+    assert message_texts(pool.head(0)) == []
