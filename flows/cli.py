@@ -233,6 +233,48 @@ def cmd_steps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`flow.serve` of flows/deploy.py:recipe_flow on this box: one deployment, runs on a schedule
+    (needs a running `prefect server start`; the temporary server has no scheduler). Blocks."""
+    import urllib.request
+
+    from flows.recipe import load_recipe, parse_sets
+
+    sets = dict(parse_sets(args.set or []))
+    recipe_ref = args.recipe_name
+    if Path(recipe_ref).expanduser().is_file():  # scheduled runs start in their own processes
+        recipe_ref = str(Path(recipe_ref).expanduser().resolve())
+    loaded = load_recipe(recipe_ref, sets=sets, out=args.out)  # every mistake is one line, before serving
+    import storage
+
+    out = storage.check_run_folder(loaded.out if loaded.out is not None else f"runs/{loaded.name}")
+    storage.check_publish_target(f"{out}/publish")
+    check_writable(out)
+    if "://" not in out:
+        out = str(Path(out).resolve())  # runs start in subprocesses: name the folder absolutely
+    # Our PREFECT_HOME hides the user's Prefect profile: default to `prefect server start`'s address.
+    api = os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=10) as response:
+            response.read()
+    except OSError as exc:
+        raise UsageError(f"serve: no Prefect server at {api} ({getattr(exc, 'reason', exc)}). Fix: start one with "
+                         "`prefect server start` (the temporary server has no scheduler) or set PREFECT_API_URL"
+                         ) from None
+
+    from flows.deploy import recipe_flow
+
+    name = args.name or loaded.name
+    every = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g}s"
+    print(f"serving {recipe_flow.name}/{name} ({every}) against {api}; run folder {out}. Ctrl-C stops.", flush=True)
+    recipe_flow.serve(name=name, cron=args.cron, interval=args.interval,
+                      parameters={"recipe": recipe_ref, "params": sets, "out": out, "workers": args.workers},
+                      tags=["alignforge", loaded.name], description=loaded.description,
+                      limit=1,  # runs of one recipe share a run folder: one at a time, later ones wait
+                      print_starting_message=bool(args.verbose))
+    return 0
+
+
 def _field_type(model: type, name: str) -> str:
     ann = model.model_fields[name].annotation
     return getattr(ann, "__name__", None) if isinstance(ann, type) else str(ann).replace("typing.", "")
@@ -297,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     steps = sub.add_parser("steps", help="list every step with its config fields, types, defaults and help")
     steps.add_argument("name", nargs="?", help="one step only")
     steps.set_defaults(func=cmd_steps)
+
+    serve = sub.add_parser("serve", help="serve a recipe on a schedule on this box (flow.serve; needs `prefect server start`)",
+                           description="Serve a recipe as a Prefect deployment with a schedule; scheduled runs execute "
+                           "in subprocesses of this command. Needs a running Prefect server (PREFECT_API_URL, default "
+                           "http://127.0.0.1:4200/api).")
+    serve.add_argument("recipe_name", metavar="RECIPE", help="a recipe file or a built-in recipe")
+    serve.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting, as for `run`")
+    serve.add_argument("--out", metavar="DIR", help="run folder (the dataset is published to DIR/publish)")
+    serve.add_argument("--workers", type=int, default=None, metavar="N", help="threads for CPU steps' shards")
+    serve.add_argument("--name", help="deployment name (default: the recipe's name)")
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help='cron schedule, e.g. "0 2 * * *"')
+    when.add_argument("--interval", type=float, metavar="S", help="seconds between runs")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

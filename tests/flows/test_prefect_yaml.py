@@ -26,3 +26,19 @@ def test_every_recipe_has_a_deployment_with_a_valid_entrypoint_and_params():
         covered.add(params["recipe"])
     assert {"magpie-sft", "magpie-dpo", "curate"} <= covered
     assert set(builtin_recipes()) >= covered
+
+
+def test_pull_step_uses_prefect_placeholders_only():
+    """Prefect's placeholders are not jinja: `{{ $VAR | default('.') }}` stays a literal path and the
+    worker crashes. The pull directory is a build step's output (rendered at `prefect deploy`)."""
+    import re
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    build_ids = {step.get("id") for entry in spec.get("build") or [] for step in entry.values()}
+    for entry in spec["pull"]:
+        for step in entry.values():
+            for value in step.values():
+                for placeholder in re.findall(r"{{(.*?)}}", str(value)):
+                    name = placeholder.strip()
+                    assert re.fullmatch(r"\$?[A-Za-z_][\w.-]*", name), f"not a Prefect placeholder: {{{{{placeholder}}}}}"
+                    assert name.startswith("$") or name.split(".")[0] in build_ids, name
