@@ -114,8 +114,9 @@ def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, mod
         "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0,
     }
     publish_url = f"{run_url}/publish"
+    empty = configs["default"].height == 0
     storage.publish(publish_url, configs=configs, rejected=rejected_rows, test_size=spec.test_size, seed=recipe.seed,
-                    card=card)
+                    card=card, **({"allow_empty": True} if empty else {}))
     first = stages[0][1]
     requested = stage_summary(first)["rows_out"] if stages else 0
     result = {"dataset": publish_url, "rows_kept": configs["default"].height, "rows_requested": requested,
