@@ -40,7 +40,6 @@ import ctypes
 import os
 import sys
 import zlib
-from pathlib import Path
 from typing import ClassVar, Literal, Sequence
 
 import numpy as np
@@ -210,28 +209,51 @@ class ZipFitConfig(StepConfig):
 
 
 def load_target_texts(path: str, on: TextOn = "conversation") -> list[str]:
-    """Texts of a target file: a `text` column if present, else our row layouts (messages /
-    instruction / prompt+chosen); .txt files give one text per non-empty line."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"zipfit target file {path!r} does not exist; pass zipfit.target=<parquet/jsonl/txt>")
-    suffix = p.suffix.lower()
-    if suffix == ".txt":
-        texts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        if suffix == ".parquet":
-            df = pl.read_parquet(p)
-        elif suffix in (".jsonl", ".ndjson"):
-            df = pl.read_ndjson(p)
-        elif suffix == ".json":
-            df = pl.read_json(p)
-        else:
-            raise SchemaError(f"zipfit target {path!r}: unsupported file type {suffix!r}",
-                              fix="use .parquet, .jsonl, .json or .txt")
-        texts = (df["text"].cast(pl.Utf8) if "text" in df.columns else row_text(df, on)).drop_nulls().to_list()
+    """Texts of a ZIP-FIT target file, read and checked: call it before any stage runs, it raises
+    SchemaError naming the file, row, column and fix.
+
+    .txt: one text per non-empty line (split on "\\n" only; U+2028 inside a line is text). Other
+    files (parquet / JSONL / JSON, local or fsspec URL) go through the same import as run inputs,
+    schemas.mapping.load_rows: a `text` column is used as it is; else the rows are imported as
+    preference, sft or instructions rows (the first whose layout the columns match: ShareGPT
+    `conversations`, `messages`, Alpaca `instruction`/`output`, `prompt`/`chosen`/`rejected`...)
+    and `on` picks the text, as for sources. Rows the import quarantines are not targets, except a
+    conversation without an answer (a target needs only its text)."""
+    import fsspec
+
+    from schemas.mapping import kind_of, load_rows, read_records
+
+    shown = f"zipfit target {path}"
+    if str(path).lower().endswith(".txt"):
+        fs, local = fsspec.core.url_to_fs(str(path))
+        if not fs.exists(local):
+            raise SchemaError(f"no such file: {path}", dataset=shown,
+                              fix="pass zipfit.target=<parquet/jsonl/json/txt file>")
+        with fs.open(local, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise SchemaError(f"file is not valid UTF-8: byte 0x{data[e.start]:02x} at line {line}", dataset=shown,
+                              row=f"line {line}", fix=f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path}`") from None
+        texts = [line.removesuffix("\r") for line in text.split("\n")]
         texts = [t for t in texts if t.strip()]
+    else:
+        rows, columns = read_records(path, dataset=shown)
+        if "text" in columns:
+            kind, mapping = "instructions", {"instruction": "text"}
+        else:
+            kind, mapping = kind_of(columns, ("preference", "sft", "instructions")), None
+            if kind is None:
+                raise SchemaError(f"cannot find target texts in columns {columns}", dataset=shown, column=None,
+                                  fix="give a 'text' column, or rows in an importable layout: messages, ShareGPT "
+                                      "conversations, instruction [+ output], prompt + chosen + rejected")
+        df = load_rows(rows, mapping=mapping, kind=kind, dataset=shown)
+        usable = df.filter(pl.col("keep") | (pl.col("drop_reason") == "import:no_assistant_turn"))
+        texts = [t for t in row_text(usable, on).to_list() if t is not None and t.strip()]
     if not texts:
-        raise SchemaError(f"zipfit target set {path!r} has no non-empty texts",
+        raise SchemaError(f"zipfit target set {path!r} has no non-empty texts", dataset=shown,
                           fix="give a target file with at least one text (column 'text', 'instruction' or 'messages')")
     return texts
 

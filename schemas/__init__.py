@@ -151,8 +151,20 @@ def clean_messages(messages: list | None) -> list[dict[str, Any]] | None:
     the nulls a struct column adds to messages that lacked a field other messages have."""
     if messages is None:
         return None
-    return [{k: v for k, v in dict(m).items() if k in ("role", "content") or v is not None}
-            for m in messages]
+    out = []
+    for m in messages:
+        m = {k: v for k, v in dict(m).items() if k in ("role", "content") or v is not None}
+        if m.get("tool_calls") is not None:  # calls of one column share fields too (id, type...)
+            m["tool_calls"] = [_drop_nulls(call) for call in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _drop_nulls(call: dict) -> dict:
+    call = {k: v for k, v in dict(call).items() if v is not None}
+    if isinstance(call.get("function"), dict):
+        call["function"] = {k: v for k, v in call["function"].items() if v is not None}
+    return call
 
 
 def assistant_turn(text: str) -> list[dict[str, str]]:

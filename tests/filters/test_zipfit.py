@@ -167,3 +167,56 @@ def test_long_sources_score_exactly_the_formula():
         out = ZipFit(target_texts=TARGET, compressor=compressor, workers=1)(frame(long_texts))
         for text, score in zip(long_texts, out["zipfit_alignment"]):
             assert score == pytest.approx(direct_alignment(text, TARGET, 6, compressor), abs=1e-9)
+
+
+def test_sharegpt_target_goes_through_the_import_mapping(tmp_path):
+    # Issue 8 kind 9: a ZIP-FIT target in ShareGPT layout, checked up front by load_target_texts.
+    import json
+
+    from filters.zipfit import load_target_texts
+    from schemas import SchemaError
+
+    path = tmp_path / "target.jsonl"
+    rows = [{"conversations": [{"from": "human", "value": TARGET[0]}, {"from": "gpt", "value": TARGET[1]}]},
+            {"conversations": [{"from": "system", "value": "Be terse."}, {"from": "human", "value": TARGET[2]}]},
+            {"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "x"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Conversation text = every turn joined by blank lines; a conversation without an answer is
+    # still a target text; the row with an empty turn (quarantined on import) is not.
+    assert load_target_texts(str(path)) == [f"{TARGET[0]}\n\n{TARGET[1]}", f"Be terse.\n\n{TARGET[2]}"]
+    assert load_target_texts(str(path), on="instruction") == [TARGET[0], TARGET[2]]
+    inline = ZipFit(target_texts=(f"{TARGET[0]}\n\n{TARGET[1]}", f"Be terse.\n\n{TARGET[2]}"), workers=1)
+    assert ZipFit(target=str(path), workers=1)(frame(CODE))["zipfit_alignment"].equals(inline(frame(CODE))["zipfit_alignment"])
+    # Alpaca layout with a number as output; a preference file gives prompt + chosen.
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Square it", "input": 12, "output": 144}]))
+    assert load_target_texts(str(alpaca)) == ["Square it\n\n12\n\n144"]
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(json.dumps({"prompt": "Q?", "chosen": "Good.", "rejected": "Bad."}) + "\n")
+    assert load_target_texts(str(pref)) == ["Q?\n\nGood."]
+    # Unusable targets fail at once, naming the file and the fix.
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(SchemaError, match=r"cannot find target texts in columns \['question', 'answer'\].*odd.jsonl.*Fix: give a 'text' column"):
+        load_target_texts(str(odd))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"conversations": [{"from": "narrator", "value": "x"}]}) + "\n")
+    with pytest.raises(SchemaError, match=r"unknown role 'narrator'.*zipfit target.*column 'conversations'"):
+        load_target_texts(str(broken))
+    with pytest.raises(SchemaError, match="no such file"):
+        load_target_texts(str(tmp_path / "missing.jsonl"))
+
+
+def test_txt_target_splits_on_newline_only(tmp_path):
+    from filters.zipfit import load_target_texts
+    from schemas import SchemaError
+
+    path = tmp_path / "t.txt"
+    path.write_bytes("one\u2028still one\r\n\ntwo\n".encode("utf-8"))
+    assert load_target_texts(str(path)) == ["one\u2028still one", "two"]
+    path.write_bytes(b"caf\xe9\n")
+    with pytest.raises(SchemaError, match="not valid UTF-8: byte 0xe9 at line 1"):
+        load_target_texts(str(path))
+    text_col = tmp_path / "t.jsonl"
+    text_col.write_text('{"text": "a\u2028b"}\n{"text": 5}\n{"text": ""}\n')
+    assert load_target_texts(str(text_col)) == ["a\u2028b", "5"]

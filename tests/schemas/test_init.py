@@ -85,8 +85,14 @@ def preference_frame(chosen, prompt=None):
 
 def test_preference_rows():
     validate(preference_frame(schemas.assistant_turn("better")), "preference")
-    with pytest.raises(SchemaError, match="chosen holds a non-assistant message"):
+    with pytest.raises(SchemaError, match="chosen does not start and end with an assistant turn"):
         validate(preference_frame(schemas.to_messages("Which is better?", "better")), "preference", dataset="p")
+    # A multi-turn continuation (TRL implicit-prompt rows split at the common prefix) is fine.
+    later = [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
+             {"role": "assistant", "content": "Green."}]
+    validate(preference_frame(later), "preference")
+    with pytest.raises(SchemaError, match="chosen does not start and end"):
+        validate(preference_frame(later[:2]), "preference")
     with pytest.raises(SchemaError, match="prompt ends with an assistant turn"):
         validate(preference_frame(schemas.assistant_turn("b"), prompt=schemas.to_messages("q", "a")), "preference")
 
@@ -107,3 +113,54 @@ def test_empty_frames_have_the_kind_schema():
         frame = schemas.empty(kind)
         assert frame.height == 0
         validate(frame, kind)
+
+
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":5}'}}
+
+
+def tool_frame(conversations):
+    fields = {"role": pl.Utf8, "content": pl.Utf8, "tool_calls": pl.List(pl.Struct({
+        "id": pl.Utf8, "type": pl.Utf8, "function": pl.Struct({"name": pl.Utf8, "arguments": pl.Utf8})})),
+        "tool_call_id": pl.Utf8}
+    return pl.DataFrame({"id": [f"r{i}" for i in range(len(conversations))], "parent_id": [None] * len(conversations),
+                         "origin": ["x"] * len(conversations), "messages": conversations},
+                        schema_overrides={"messages": pl.List(pl.Struct(fields)), "parent_id": pl.Utf8})
+
+
+def test_tool_call_turns_may_have_no_content_other_turns_may_not():
+    ok = [{"role": "user", "content": "Add 2 and 5."},
+          {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+          {"role": "tool", "content": "7", "tool_call_id": "c1"},
+          {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+          {"role": "tool", "content": "7", "tool_call_id": "c1"},
+          {"role": "assistant", "content": "2 + 5 = 7."}]
+    validate(tool_frame([ok]), "sft")
+    no_call = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": []},
+               {"role": "assistant", "content": "a"}]
+    with pytest.raises(SchemaError, match="empty or null content"):
+        validate(tool_frame([ok, no_call]), "sft")
+    tool_without_text = ok[:2] + [{"role": "tool", "content": None, "tool_calls": [TOOL_CALL]}, ok[-1]]
+    with pytest.raises(SchemaError, match="empty or null content.*row 0"):
+        validate(tool_frame([tool_without_text]), "sft")
+
+
+def test_clean_messages_drops_the_nulls_a_struct_column_adds():
+    df = tool_frame([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                     [{"role": "user", "content": "Add"}, {"role": "assistant", "content": None,
+                                                           "tool_calls": [{"function": {"name": "add"}}]}]])
+    assert df["messages"][0].to_list()[0] == {"role": "user", "content": "hi", "tool_calls": None, "tool_call_id": None}
+    assert schemas.clean_messages(df["messages"][0].to_list()) == [{"role": "user", "content": "hi"},
+                                                                    {"role": "assistant", "content": "yo"}]
+    # content null is kept (it is what a tool-calling turn has); null fields of calls are dropped too.
+    assert schemas.clean_messages(df["messages"][1].to_list())[1] == {
+        "role": "assistant", "content": None, "tool_calls": [{"function": {"name": "add"}}]}
+    assert schemas.to_messages(df["messages"][1].to_list(), "7") == [
+        {"role": "user", "content": "Add"},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "add"}}]},
+        {"role": "assistant", "content": "7"}]
+    assert schemas.clean_messages(None) is None
+
+
+def test_stable_hash_of_a_lone_surrogate_does_not_raise():
+    assert schemas.stable_hash("\ud83d") != schemas.stable_hash("\ud83e")
+    assert schemas.stable_hash("ok") == schemas.stable_hash("ok")
