@@ -95,7 +95,8 @@ def expected_score(logprobs: Sequence[float | None]) -> float | None:
     if any(lp is None for lp in logprobs):
         return None
     values = np.asarray(logprobs, dtype=np.float64)
-    if not np.isfinite(values).any():
+    # A log-probability is <= 0: NaN / +inf are not probabilities (a broken engine), -inf is p = 0.
+    if np.isnan(values).any() or np.isposinf(values).any() or not np.isfinite(values).any():
         return None
     weights = np.exp(values - values.max())
     return float((weights / weights.sum()) @ SCORE_VALUES[: len(values)])
@@ -143,8 +144,11 @@ def _round_trip_texts(tokenizer: Any, token_ids: Sequence[int]) -> list[str] | N
 def _as_float(value: Any) -> float | None:
     if value is None:
         return None
-    value = float(getattr(value, "logprob", value))  # vLLM Logprob objects or plain floats
-    return None if math.isnan(value) else value
+    try:
+        value = float(getattr(value, "logprob", value))  # vLLM Logprob objects or plain floats
+    except (TypeError, ValueError):
+        return None  # not a number: the token counts as missing
+    return None if math.isnan(value) or value == math.inf else value
 
 
 # ---------------------------------------------------------------------------------------------

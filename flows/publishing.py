@@ -59,6 +59,8 @@ def build_configs(recipe: Any, stages: list[tuple[str, Any]]) -> tuple[dict[str,
             rejected.append(built.rejected)
             for reason, count in built.rejected["drop_reason"].value_counts().iter_rows():
                 drops[f"pair:{reason}"] = int(count)
+        for reason, count in (getattr(built, "unscored", None) or {}).items():
+            drops[f"candidate:{reason}"] = int(count)  # unscored candidates: listed with null score + reason
     else:
         configs["default"] = _project(final.sort("id") if "id" in final.columns else final, spec.columns)
     by_name = dict(stages)

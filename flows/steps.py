@@ -18,6 +18,7 @@ STEPS: dict[str, str] = {
     # checks, scores and selections (filters/)
     "magpie_checks": "filters.checks:MagpieChecks",
     "exact_dedup": "filters.checks:ExactDedup",
+    "magpie_filter": "filters.magpie_filter:MagpieFilter",
     "heuristics": "filters.heuristics:Heuristics",
     "minhash": "filters.minhash:MinHashDedup",
     "semdedup": "filters.semdedup:SemDedup",

@@ -241,10 +241,8 @@ def test_distinct_short_texts_without_words_never_cluster(texts):
     assert out["keep"].all()
 
 
-# ---------------------------------------------------------------- filters.deita (not this change's file)
+# ---------------------------------------------------------------- filters.deita
 
-@pytest.mark.xfail(strict=True, reason="filters/deita.py expected_score: a +inf logprob gives NaN (issue 8 kind 4, "
-                                       "reported to its owner)")
 @SETTINGS
 @given(logprobs=st.lists(st.none() | st.floats(max_value=0.0) | st.just(math.inf), min_size=6, max_size=6))
 def test_deita_expected_score_is_finite_or_none(logprobs):

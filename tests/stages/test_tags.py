@@ -3,7 +3,8 @@ import pytest
 
 from schemas import MESSAGES
 from engines.base import Completion, GenerationResult
-from stages.tags import (DIFFICULTY, INPUT_QUALITY, TASK_CATEGORY, UNPARSED_TAG, MagpieTags, magpie_official_filter,
+from filters.magpie_filter import magpie_official_filter
+from stages.tags import (DIFFICULTY, INPUT_QUALITY, TASK_CATEGORY, UNPARSED_TAG, MagpieTags,
                          parse_label, tag_prompt)
 
 
