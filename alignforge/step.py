@@ -72,6 +72,9 @@ class Step:
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def preflight(self) -> None:
+        """Checks that need no model (files exist and parse); the runner calls it before any step runs."""
+
     def close(self) -> None:
         """Free what the step holds between shards (caches, pools). Models belong to engines."""
 

@@ -267,6 +267,12 @@ class ZipFit(GlobalStep):
     score_columns: ClassVar[tuple[str, ...]] = (ALIGNMENT,)
     config: ZipFitConfig
 
+
+    def preflight(self) -> None:
+        """The target goes through the same import as inputs and is validated before any step runs."""
+        if self.config.target is not None:
+            load_target_texts(self.config.target, self.config.on)
+
     def __init__(self, config: ZipFitConfig | None = None, **overrides):
         super().__init__(config, **overrides)
         self._targets: list[bytes] | None = None

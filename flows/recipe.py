@@ -302,9 +302,10 @@ def validate_recipe(raw: dict[str, Any], *, source: str) -> Recipe:
             config["seed"] = seed
         if entry["enabled"]:
             try:
-                cls.Config(**config)  # validated here so a mistake stops the run before any model starts
+                validated = cls.Config(**config)  # validated here: a mistake stops the run before any model starts
             except ValidationError as exc:
                 raise RecipeError(_config_error(source, name, cls.Config, exc)) from None
+            cls(validated).preflight()
         else:  # a switched-off step may lack what it needs to run (zipfit's target), not a valid name
             fields = list(cls.Config.model_fields)
             for key in config:

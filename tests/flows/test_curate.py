@@ -59,3 +59,25 @@ def test_curate_zipfit_without_target_is_a_clear_error(user_file, tmp_path):
         run("curate", {"input": str(path), "mapping": {"instruction": "question", "response": "answer"},
                        "out": str(tmp_path / "r"), "zipfit": {"enabled": True}})
     assert not (tmp_path / "r").exists()
+
+
+def test_zipfit_target_in_sharegpt_layout_is_imported_and_checked_before_any_step(user_file, tmp_path):
+    """Issue 8 kind 9: the target goes through the input import; a bad target fails before any stage runs."""
+    import json
+
+    from schemas import SchemaError
+
+    path, _ = user_file
+    good = tmp_path / "target_sharegpt.jsonl"
+    good.write_text(json.dumps({"conversations": [{"from": "human", "value": "def f(x):"},
+                                                  {"from": "gpt", "value": "return x"}]}) + "\n")
+    sets = {"input": str(path), "mapping": {"instruction": "question", "response": "answer"}, "shard_size": 50,
+            "zipfit": {"enabled": True, "target": str(good), "top_k": 10}}
+    result = run("curate", sets, out=str(tmp_path / "ok"))
+    assert result["rows_kept"] == 10
+    bad = tmp_path / "target_bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "wizard", "value": "x"}]})
+                   + "\n")
+    with pytest.raises(SchemaError, match="target_bad.jsonl"):
+        run("curate", {**sets, "zipfit": {"enabled": True, "target": str(bad)}}, out=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
