@@ -30,8 +30,6 @@ from alignforge.step import carry_drops as mark_drops
 
 log = logging.getLogger(__name__)
 
-# Scorers are costly to load (vLLM start); one per process and configuration.
-_SCORERS: dict[tuple, RewardScorer] = {}
 
 
 class RewardLabelConfig(StepConfig):
@@ -74,11 +72,11 @@ class RewardLabel(Step):
             if cfg.model:
                 key = (cfg.model, cfg.backend, cfg.template, cfg.max_length, cfg.batch_size, cfg.score_head,
                        cfg.trust_remote_code)
-                if key not in _SCORERS:
-                    _SCORERS[key] = make_scorer(cfg.model, backend=cfg.backend, template=cfg.template,
-                                                max_length=cfg.max_length, batch_size=cfg.batch_size,
-                                                score_head=cfg.score_head, trust_remote_code=cfg.trust_remote_code)
-                self._scorer = _SCORERS[key]
+                from engines.lifetime import cached_scorer  # engines own model lifetime (one per process)
+
+                self._scorer = cached_scorer(key, lambda: make_scorer(
+                    cfg.model, backend=cfg.backend, template=cfg.template, max_length=cfg.max_length,
+                    batch_size=cfg.batch_size, score_head=cfg.score_head, trust_remote_code=cfg.trust_remote_code))
             else:
                 self._scorer = make_scorer(None, engine=self.engine, scale=cfg.judge_scale)
         return self._scorer

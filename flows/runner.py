@@ -479,7 +479,7 @@ def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, o
     from prefect.task_runners import ThreadPoolTaskRunner
 
     workers = int(workers or os.cpu_count() or 1)
-    run_url = (out or recipe.out or f"runs/{recipe.name}").rstrip("/") or "."
+    run_url = out if out is not None else (recipe.out if recipe.out is not None else f"runs/{recipe.name}")
 
     @flow(name=recipe.name, task_runner=ThreadPoolTaskRunner(max_workers=workers), log_prints=False,
           validate_parameters=False)
@@ -491,17 +491,20 @@ def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, o
 
 def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1) -> dict:
     """The body of a run (usable inside any flow): steps, then publish."""
+    import storage
     from engines.lifetime import LazyEngine, release_all
     from flows.publishing import publish_run
 
+    run_url = storage.check_run_folder(run_url)
+    storage.check_publish_target(f"{run_url}/publish")  # a foreign folder in the way: refuse before any work
     owned = engine is None
     chat = LazyEngine(recipe.model) if owned else engine
-    try:
-        stages = run_steps(recipe, run_url, engine=chat, workers=workers)
-    finally:
-        if owned:
-            release_all(chat)
-    return publish_run(recipe, stages, run_url, model_id=engine_name(chat))
+    with storage.RunLock(run_url):  # one run per folder: a second one stops here with the holder's pid
+        try:
+            stages = run_steps(recipe, run_url, engine=chat, workers=workers)
+        finally:
+            release_all(chat if owned else None)  # reward models always; the chat engine only if ours
+        return publish_run(recipe, stages, run_url, model_id=engine_name(chat))
 
 
 def run(recipe: str | Any, sets: Mapping[str, Any] | list[str] | None = None, *, out: str | None = None,

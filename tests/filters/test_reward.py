@@ -42,13 +42,15 @@ def test_adds_reward_and_drops_unscorable_rows_with_reasons(tiny_rm):
 
 
 def test_reward_model_from_config_is_loaded_once_per_process(tiny_rm):
-    reward_filter._SCORERS.clear()
+    from engines import lifetime
+
+    lifetime.release_scorers()
     step = RewardLabel(model=str(tiny_rm), backend="transformers")
     assert step.scorer_id == str(tiny_rm)
     df = candidate_rows([("a question", "an answer")])
     first = step(df)
     second = RewardLabel(model=str(tiny_rm), backend="transformers")(df)
-    assert len(reward_filter._SCORERS) == 1
+    assert len(lifetime._SCORERS) == 1
     assert first["reward"].to_list() == second["reward"].to_list()
 
 
