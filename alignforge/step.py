@@ -73,7 +73,18 @@ class Step:
         raise NotImplementedError
 
     def preflight(self) -> None:
-        """Checks that need no model (files exist and parse); the runner calls it before any step runs."""
+        """Checks that need no model (files exist and parse); the runner calls it before any step runs.
+
+        The base check: sampling settings that make every sample identical are refused (greedy
+        decoding ignores per-request seeds), e.g. Magpie queries or best-of-N candidates at T 0."""
+        cfg = self.config
+        copies = getattr(cfg, "n", None) if self.source else getattr(cfg, "k", None)
+        if getattr(cfg, "temperature", None) == 0 and isinstance(copies, int) and copies > 1:
+            field = "n" if self.source else "k"
+            raise StepError(f"step {self.name!r}: temperature 0 makes all {field}={copies} samples identical "
+                            "(greedy decoding ignores the per-request seeds)",
+                            fix=f"sample at a temperature > 0, e.g. --set steps.{self.name}.temperature=1.0, "
+                                f"or set {field}=1")
 
     def close(self) -> None:
         """Free what the step holds between shards (caches, pools). Models belong to engines."""

@@ -114,3 +114,36 @@ def test_example_recipe_runs_end_to_end_from_the_cli(tmp_path):
     rejected = pl.read_parquet(out / "publish" / "rejected" / "*.parquet")
     assert len(ds) + rejected.height == 32  # every generated row is published or rejected with a reason
     assert rejected["drop_reason"].null_count() == 0
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["steps.magpie_instructions.temperature=0", "n=4"], "temperature 0 makes all n=4 samples identical"),
+])
+def test_settings_that_make_every_sample_identical_are_refused(tmp_path, capsys, sets, needle):
+    argv = ["run", "magpie-sft", "--out", str(tmp_path / "run")]
+    for item in sets:
+        argv += ["--set", item]
+    line = one_line_error(capsys, *argv)
+    assert needle in line and "temperature=1.0" in line
+
+
+def test_best_of_n_at_temperature_zero_is_refused(tmp_path, capsys):
+    line = one_line_error(capsys, "run", "magpie-dpo", "--set", "temperature=0", "--out", str(tmp_path / "run"))
+    assert "step 'best_of_n': temperature 0 makes all k=5 samples identical" in line
+
+
+def test_yaml_mistakes_in_recipe_files(tmp_path, capsys):
+    """Issue 16 kind 8: `on:` stays a key, duplicated keys and a stray `recipe:` are one line each."""
+    from flows.recipe import build_steps, load_recipe
+
+    ok = tmp_path / "on.yaml"
+    ok.write_text("name: x\ninput: {path: in.jsonl}\nsteps:\n  - minhash:\n      on: conversation\n")
+    assert build_steps(load_recipe(str(ok)))[0].config.on == "conversation"
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: x\nseed: 1\nseed: 2\nsteps:\n  - magpie_instructions: {}\n")
+    line = one_line_error(capsys, "run", str(dup), "--out", str(tmp_path / "r"))
+    assert "seed" in line and "dup" in line.lower()
+    other = tmp_path / "other.yaml"
+    other.write_text("recipe: magpie-dpo\nn: 3\n")
+    line = one_line_error(capsys, "run", "magpie-sft", "--recipe", str(other), "--out", str(tmp_path / "r"))
+    assert "unknown key 'recipe'" in line
