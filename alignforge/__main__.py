@@ -1,4 +1,4 @@
-from flows.cli import main
+from flows.cli import console_main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

@@ -92,7 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.runner import run_recipe
 
     recipe = load_recipe(args.recipe_name, sets=args.set or [], out=args.out, overlay=args.recipe)
-    out = (recipe.out or f"runs/{recipe.name}")
+    import storage
+
+    out = storage.check_run_folder(recipe.out if recipe.out is not None else f"runs/{recipe.name}")
+    storage.check_publish_target(f"{out}/publish")
     check_writable(out)
     if any(_needs_chat_model(spec.name) for spec in recipe.enabled_steps()) and not isinstance(recipe.model, dict):
         preflight_model(recipe.model)
@@ -262,6 +265,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "`prefect server start` (the temporary server has no scheduler) or set PREFECT_API_URL"
                          ) from None
 
+    # A scheduler runs unattended: its runs log at INFO (console and the server's UI), not `run`'s quiet levels.
+    for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL",
+                "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL"):
+        os.environ[key] = "DEBUG" if args.verbose else "INFO"
     from flows.deploy import recipe_flow
 
     name = args.name or loaded.name
@@ -356,6 +363,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = "alignforge: interrupted; rerun the same command to resume"
+
+
+def _stop_children(grace: float = 0.5) -> None:
+    """Kill every process this run started (vLLM engine core, Prefect's server, worker pools)."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with vLLM and the dev extra
+        return
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=grace + 2.0)
+
+
+def _on_signal(signum, frame) -> None:  # pragma: no cover - exercised by the real-process test
+    """SIGINT / SIGTERM: stop what we started, say how to resume, exit 130 now.
+
+    Exiting without unwinding is safe: every shard and manifest is written to a temp name and
+    renamed (a rerun resumes from committed shards), and the run-folder lock dies with us. Waiting
+    instead lets Prefect retry its dead server for ~80 s and vLLM print its tracebacks."""
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)
+    _stop_children()
+    sys.stdout.flush()
+    print(INTERRUPTED, file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def install_interrupt_handlers() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+        import flows.runner
+
+        flows.runner.SIGNAL_HANDLER = _on_signal
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv or "-v" in argv
@@ -370,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         return 0
     except KeyboardInterrupt:
-        print("alignforge: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except AlignforgeError as exc:
         if verbose:
@@ -385,5 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> int:
+    """The `alignforge` command: main() with SIGINT / SIGTERM handled as a clean, resumable stop."""
+    install_interrupt_handlers()
+    return main()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())

@@ -37,6 +37,9 @@ from alignforge.step import GlobalStep, Step, shard_decisions
 from schemas import row_id, stable_hash
 
 SEEDS_ORIGIN = "seeds@1"
+# Set by the CLI: its SIGINT / SIGTERM handler, re-armed inside the flow (Prefect's flow engine
+# swaps in its own SIGTERM bridge while a flow runs).
+SIGNAL_HANDLER: Any = None
 # Score columns kept in score stages (for re-selection) but never published.
 HEAVY_COLUMNS = ("minhash_signature", "semdedup_embedding", "deita_embedding")
 
@@ -495,6 +498,7 @@ def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1) 
     from engines.lifetime import LazyEngine, release_all
     from flows.publishing import publish_run
 
+    _arm_signal_handler()
     run_url = storage.check_run_folder(run_url)
     storage.check_publish_target(f"{run_url}/publish")  # a foreign folder in the way: refuse before any work
     owned = engine is None
@@ -505,6 +509,15 @@ def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1) 
         finally:
             release_all(chat if owned else None)  # reward models always; the chat engine only if ours
         return publish_run(recipe, stages, run_url, model_id=engine_name(chat))
+
+
+def _arm_signal_handler() -> None:
+    import signal
+    import threading
+
+    if SIGNAL_HANDLER is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, SIGNAL_HANDLER)
+        signal.signal(signal.SIGTERM, SIGNAL_HANDLER)
 
 
 def run(recipe: str | Any, sets: Mapping[str, Any] | list[str] | None = None, *, out: str | None = None,
