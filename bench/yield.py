@@ -9,6 +9,7 @@ setting: instruction stages are reused; each run's publish is read right after i
 
     python -m bench.yield [--n 50] [--turns 1 2] [--penalties 1.0 1.05 1.1] [--model PATH]
     python -m bench.yield --runs 1:1.05 2:1.05 1:1.0     # explicit (turns:penalty) runs, in this order
+    python -m bench.yield --runs 1:1.05:max_tokens=1024,frequency_penalty=0.1   # + other magpie_responses fields
 
 Run it under `flock /tmp/alignforge-vllm.lock` on a shared machine (it starts vLLM).
 """
@@ -28,13 +29,23 @@ def mean_words(messages_rows: list) -> tuple[float, int]:
     return (sum(words) / len(words) if words else 0.0), len(words)
 
 
+def parse_run(text: str) -> tuple[int, float, tuple]:
+    """"2:1.05" or "1:1.05:max_tokens=1024,frequency_penalty=0.1" -> (turns, penalty, ((field, value), ...))."""
+    import yaml
+
+    turns, penalty, *rest = text.split(":", 2)
+    other = tuple((k.strip(), yaml.safe_load(v)) for k, v in (kv.split("=", 1) for kv in rest[0].split(","))) \
+        if rest and rest[0] else ()
+    return int(turns), float(penalty), other
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--turns", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.05, 1.1])
-    parser.add_argument("--runs", nargs="+", default=None, help="turns:penalty pairs to run in this order "
-                        "(instead of every --turns x --penalties); the table is sorted")
+    parser.add_argument("--runs", nargs="+", default=None, help="turns:penalty[:field=value,...] runs in this "
+                        "order (instead of every --turns x --penalties; fields of magpie_responses); the table is sorted")
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2)")
     parser.add_argument("--work", default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "yield.md"))
@@ -48,11 +59,12 @@ def main() -> None:
 
     engine = get_engine(args.model, progress=False)
     work = Path(args.work or tempfile.mkdtemp(prefix="alignforge-yield-"))
-    header = ("| turns | repetition_penalty | kept | kept share | dropped (by reason) | mean words / response "
-              "| tokens | seconds | load (1 min) |\n|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-    rows: dict[tuple[int, float], str] = {}
-    runs = ([(int(t), float(p)) for t, p in (r.split(":") for r in args.runs)] if args.runs
-            else [(t, p) for t in args.turns for p in args.penalties])
+    header = ("| turns | repetition_penalty | other response settings | kept | kept share | dropped (by reason) "
+              "| mean words / response | tokens | seconds | load (1 min) |\n"
+              "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|")
+    rows: dict[tuple, str] = {}
+    runs = [parse_run(r) for r in args.runs] if args.runs else \
+        [(t, p, ()) for t in args.turns for p in args.penalties]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -61,12 +73,14 @@ def main() -> None:
         out.write_text(
             f"# Demo yield vs repetition penalty (`python -m bench.yield`)\n\n"
             f"{when}, {platform.machine()}, {os.cpu_count()} cores, model {engine.model_id}, magpie-sft n={args.n}, "
-            f"greedy responses, max 512 tokens; every other setting is the recipe's.\n\n"
+            f"greedy responses, max 512 tokens unless set; every other setting is the recipe's. Mean words: kept "
+            f"assistant turns. Load: 1-minute load average (start + end of the run) / 2.\n\n"
             + "\n".join([header, *(rows[k] for k in sorted(rows))]) + "\n")
 
     try:
-        for turns, penalty in runs:
-            sets = {"n": args.n, "turns": turns, "steps.magpie_responses.repetition_penalty": penalty}
+        for turns, penalty, other in runs:
+            sets = {"n": args.n, "turns": turns, "steps.magpie_responses.repetition_penalty": penalty,
+                    **{f"steps.magpie_responses.{k}": v for k, v in other}}
             load0 = os.getloadavg()[0]
             started = time.perf_counter()
             result = run("magpie-sft", sets, out=str(work / f"turns{turns}"), engine=engine, workers=1)
@@ -76,9 +90,11 @@ def main() -> None:
             words, _ = mean_words(data["messages"].to_list())
             drops = ", ".join(f"{k} {v}" for k, v in result["dropped"].items()) or "none"
             kept = result["rows_kept"]
-            rows[(turns, penalty)] = (f"| {turns} | {penalty:g} | {kept} / {args.n} | {kept / args.n:.0%} | {drops} | "
+            key = (turns, penalty, other)
+            settings = ", ".join(f"{k}={v}" for k, v in other) or "-"
+            rows[key] = (f"| {turns} | {penalty:g} | {settings} | {kept} / {args.n} | {kept / args.n:.0%} | {drops} | "
                          f"{words:.0f} | {result['generated_tokens']} | {seconds:.0f} | {load:.1f} |")
-            print(rows[(turns, penalty)], flush=True)
+            print(rows[key], flush=True)
             write()
     finally:
         shutdown_all()
