@@ -86,7 +86,7 @@ def greedy_dedup(emb: np.ndarray, threshold: float, block_size: int = 2048,
 class SemDedup(GlobalStep):
     parallel_shards = False  # drives a model / its own worker pool: one shard at a time
     name: ClassVar[str] = "semdedup"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     Config: ClassVar[type[StepConfig]] = SemDedupConfig
     score_fields: ClassVar[tuple[str, ...]] = ("on", "model")
     score_columns: ClassVar[tuple[str, ...]] = (EMBEDDING,)
@@ -107,7 +107,10 @@ class SemDedup(GlobalStep):
     def __call__(self, df: pl.DataFrame) -> pl.DataFrame:
         texts = row_text(df, self.config.on)
         unusable = unusable_text_reason(df, texts)
-        usable = unusable.is_null().to_numpy()
+        # Texts without a single word character ("???", emoji) embed to near-identical vectors (the
+        # encoder sees [UNK] / punctuation only): they are kept and never compared, not collapsed.
+        wordless = (~texts.fill_null("").str.contains(r"\w")).to_numpy()
+        usable = unusable.is_null().to_numpy() & ~wordless
         vectors = self.embedder.embed([t for t, ok in zip(texts.to_list(), usable) if ok])
         dim = vectors.shape[1] if vectors.ndim == 2 and vectors.shape[0] else getattr(self.embedder, "dim", 384)
         full = np.zeros((df.height, dim), dtype=np.float32)
@@ -115,7 +118,8 @@ class SemDedup(GlobalStep):
         column = pl.Series(EMBEDDING, full, dtype=pl.Array(pl.Float32, dim))
         if df.height:
             column = pl.select(pl.when(pl.Series(usable)).then(column).otherwise(None)).to_series().alias(EMBEDDING)
-        self.stats = {"rows": df.height, "embedded": int(usable.sum())}
+        self.stats = {"rows": df.height, "embedded": int(usable.sum()),
+                      "not_compared_no_words": int((unusable.is_null().to_numpy() & wordless).sum())}
         return mark_drops(df.drop(EMBEDDING, strict=False).with_columns(column), unusable)
 
     def select(self, scores: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:

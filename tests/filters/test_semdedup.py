@@ -83,3 +83,18 @@ def test_bad_rows_and_empty_dataset():
     assert out["drop_reason"].to_list() == ["empty_text", "empty_text", None, DUPLICATE]
     empty = pl.DataFrame({"id": [], "instruction": []}, schema={"id": pl.Utf8, "instruction": pl.Utf8})
     assert SemDedup(embedder=HashEmbedder()).run(empty).height == 0
+
+
+def test_texts_without_words_are_never_semantic_duplicates_of_each_other():
+    """Issue 8 kind 2: distinct symbol-only texts embed alike ([UNK]); they must all be kept."""
+    import polars as pl
+
+    from filters.semdedup import SemDedup
+
+    df = pl.DataFrame({"id": [f"r{i}" for i in range(5)],
+                       "instruction": ["🙂🙂🙂", "😀😀", "???", "!!!", "How do plants make food from sunlight?"]})
+    step = SemDedup()
+    out = step.run(df)
+    assert out["keep"].to_list() == [True] * 5
+    scored = SemDedup()(df)
+    assert scored["semdedup_embedding"].null_count() == 4  # symbol-only rows are not compared at all
