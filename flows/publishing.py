@@ -77,6 +77,20 @@ def build_configs(recipe: Any, stages: list[tuple[str, Any]]) -> tuple[dict[str,
     return configs, rejected, drops
 
 
+def card_plots(run_url: str) -> list[str]:
+    """Plot PNGs under publish/plots/, linked from the card (reporting.card); a plotting failure never
+    fails a published run: one line on stderr instead."""
+    try:
+        from reporting.card import add_card_plots
+
+        return add_card_plots(run_url)
+    except Exception as exc:  # noqa: BLE001 - observability only; the dataset is already published
+        import sys
+
+        print(f"alignforge: card plots skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return []
+
+
 def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, model_id: str | None) -> dict:
     """Publish the run to `<run>/publish` with rejected rows and a card listing every step."""
     import storage
@@ -119,6 +133,7 @@ def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, mod
     empty = configs["default"].height == 0
     storage.publish(publish_url, configs=configs, rejected=rejected_rows, test_size=spec.test_size, seed=recipe.seed,
                     card=card, **({"allow_empty": True} if empty else {}))
+    card_plots(run_url)
     first = stages[0][1]
     requested = stage_summary(first)["rows_out"] if stages else 0
     result = {"dataset": publish_url, "rows_kept": configs["default"].height, "rows_requested": requested,
