@@ -40,14 +40,19 @@ def configure_environment(verbose: bool) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     # The in-process ephemeral API server needs more than Prefect's 20 s on a busy shared CPU box.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    level = "INFO" if verbose else "WARNING"
+    # Quiet = progress bars, per-step lines and the result only. vLLM's own logger (stdout, in the
+    # engine's worker processes too: they inherit this environment) prints ~25 WARNING lines per run
+    # about this box (no Triton / libtcmalloc, eager mode, chunked prefill, shutdown kills), none of
+    # which the user can act on; errors still show. --verbose: everything at INFO.
+    level = "INFO" if verbose else "ERROR"
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
     os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", level)
     if not verbose:
         # A failing flow is reported once by us (one line), not as Prefect's traceback too.
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "CRITICAL")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")  # vLLM sets up its logger, at our level
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -185,6 +190,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(report)
     else:
         print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML page about a run folder (reporting.html); matplotlib imported lazily."""
+    from reporting import load_run
+    from reporting.html import render_report
+    from reporting.plots import require_matplotlib
+
+    require_matplotlib()  # before reading anything: the one missing-extra error, with the install command
+    if not Path(args.run_dir).expanduser().exists():
+        raise UsageError(f"report: {args.run_dir} does not exist. Fix: pass the --out folder of `alignforge run`")
+    out = Path(args.out or Path(args.run_dir) / "report.html").expanduser()
+    page = render_report(load_run(args.run_dir))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"report: can't write {out} ({exc.strerror or exc}). Fix: pick a writable --out") from None
+    print(f"report: {out} ({len(page) // 1024} KiB; open it in a browser, it needs no network)")
     return 0
 
 
@@ -333,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise a dataset folder (rows, columns, drops, lineage)")
     inspect.add_argument("path", metavar="DIR")
     inspect.set_defaults(func=cmd_inspect)
+
+    report = sub.add_parser("report", help="one self-contained HTML page about a run: steps, drops, plots, rows")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `alignforge run`")
+    report.add_argument("--out", metavar="FILE.html", help="where to write the page (default RUN_DIR/report.html)")
+    report.set_defaults(func=cmd_report)
 
     model = sub.add_parser("model", help="manage the embedded model")
     model_sub = model.add_subparsers(dest="model_command", metavar="ACTION")
