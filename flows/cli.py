@@ -296,6 +296,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ[key] = "DEBUG" if args.verbose else "INFO"
     from flows.deploy import recipe_flow
 
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C: Prefect's own graceful stop (pauses the
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # schedule); it installs its SIGTERM handler too
     name = args.name or loaded.name
     every = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g}s"
     print(f"serving {recipe_flow.name}/{name} ({every}) against {api}; run folder {out}. Ctrl-C stops.", flush=True)
