@@ -5,7 +5,8 @@ import polars as pl
 import pytest
 
 from alignforge.step import shard_decisions
-from filters.minhash import DUPLICATE, MinHashDedup, optimal_bands
+from alignforge.step import StepError
+from filters.minhash import DUPLICATE, MinHashDedup, exact_jaccard_pairs, optimal_bands
 from schemas import SchemaError
 
 WORDS = [f"w{i}" for i in range(3000)]
@@ -101,8 +102,8 @@ def test_new_threshold_reuses_signatures():
     scored = f(df)
     loose = MinHashDedup(threshold=0.5, bands=32, rows=4)
     assert loose.score_fingerprint("x") == f.score_fingerprint("x")  # same stored scores
-    d_loose = loose.select(scored.select("id", "minhash_signature"))
-    d_strict = f.select(scored.select("id", "minhash_signature"))
+    d_loose = loose.select(scored.select("id", "minhash_signature", "minhash_shingles"))
+    d_strict = f.select(scored.select("id", "minhash_signature", "minhash_shingles"))
     assert (d_loose["_reason"].is_not_null().sum()) >= (d_strict["_reason"].is_not_null().sum())
     assert d_strict.equals(f.select(f(df)))
 
@@ -181,3 +182,36 @@ def test_symbol_texts_still_dedup_exact_and_char_near_copies():
     assert (sig[0] == alone[0]).all()
     assert (sig[0] == sig[1]).mean() < 0.1
 
+
+
+# ---------------------------------------------------------------- issue 14: exact Jaccard check
+
+def test_exact_jaccard_pairs_counts_sets_not_multisets():
+    values = np.array([5, 1, 1, 9, 1, 5, 7, 9, 9, 3], dtype=np.uint64)  # rows: {1,5,9} {1,5,7,9} {3,9}
+    offsets = np.array([0, 4, 8, 10])
+    pairs = np.array([[0, 1], [0, 2], [1, 2], [0, 0]])
+    assert exact_jaccard_pairs(values, offsets, pairs).tolist() == [3 / 4, 1 / 4, 1 / 5, 1.0]
+
+
+def test_candidates_are_checked_by_exact_jaccard():
+    base = " ".join(random.Random(3).choices(WORDS, k=40)).split()
+    # 38 word 3-grams each; one substitution in the middle changes 3 of them: J = 35/41 = 0.854.
+    above = base[:20] + ["edited"] + base[21:]
+    # J = 32/44 = 0.727 (two substitutions apart).
+    below = base[:10] + ["edited"] + base[11:30] + ["again"] + base[31:]
+    texts = [" ".join(base), " ".join(above), " ".join(below)]
+    assert abs(exact_jaccard(texts[0], texts[1]) - 35 / 41) < 1e-9
+    assert exact_jaccard(texts[0], texts[2]) < 0.8 and exact_jaccard(texts[1], texts[2]) < 0.8
+    df = pl.DataFrame({"id": ["a", "b", "c"], "instruction": texts})
+    # Every pair is an LSH candidate with 1-row bands; only the exact check decides.
+    f = MinHashDedup(bands=128, rows=1)
+    decisions = f.select(f(df))
+    assert f.stats["candidate_pairs"] == 3 and f.stats["verified_pairs"] == 1
+    assert decisions["_reason"].to_list() == [None, DUPLICATE, None]
+    scored = f(df)
+    assert "minhash_shingles" in f.heavy_columns
+    assert scored["minhash_shingles"].list.len().to_list() == [38, 38, 38]
+    with pytest.raises(StepError, match="minhash_shingles"):
+        f.select(scored.drop("minhash_shingles"))
+    assert MinHashDedup(bands=128, rows=1, verify=False).select(scored.drop("minhash_shingles"))[
+        "_reason"].to_list() == [None, DUPLICATE, DUPLICATE]
