@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.setup-$(EXTRA)
 OUT     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup check-deps demo demo-dpo demo-curate test test-fast bench bench-generation bench-curate bench-scoring model clean
+.PHONY: chromium setup check-deps demo demo-dpo demo-curate test test-fast bench bench-generation bench-curate bench-scoring model clean
 
 setup: $(STAMP)
 
@@ -55,7 +55,13 @@ demo-curate: setup
 	@test -f $(OUT)/publish/_manifest.json || $(MAKE) demo
 	$(VENV)/bin/alignforge run curate --set input=$(OUT)/publish --set deita.enabled=true --out runs/demo-curated
 
-test: setup
+# The report test opens `alignforge report`'s page in headless Chromium (Debian package; needs root for apt).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null; } || \
+	  echo "chromium: not installed and apt-get failed; the report browser test will skip (sudo apt-get install chromium)"
+
+test: setup chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
