@@ -49,8 +49,8 @@ class LazyEngine:
                 from engines.openai_client import OpenAIEngine
 
                 urls = self.model.get("openai")
-                self._engine = OpenAIEngine(urls if isinstance(urls, str) else urls[0], model=self.model.get("name"),
-                                            tokenizer=self.model.get("tokenizer"), **self.options)
+                self._engine = OpenAIEngine(urls, model=self.model.get("name"), tokenizer=self.model.get("tokenizer"),
+                                            **self.options)
             else:
                 from engines import get_engine
 

@@ -9,6 +9,7 @@ batch at once. Standard library only (urllib + threads).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,9 +30,16 @@ class OpenAIEngine:
     """engines.base.Engine over HTTP. `tokenizer`: a HF tokenizer or a folder/hub id to load one from
     (needed for chat templates and token ids; defaults to `model`)."""
 
-    def __init__(self, base_url: str, model: str, *, tokenizer: Any = None, api_key: str | None = None,
+    def __init__(self, base_url: str | Sequence[str], model: str, *, tokenizer: Any = None, api_key: str | None = None,
                  concurrency: int = 32, timeout_s: float = 600.0, retries: int = 2) -> None:
-        self.base_url = base_url.rstrip("/")
+        # A fleet: requests go round-robin over the servers; a failing server is retried on the next
+        # one (each request tries every server at most `retries + 1` times in all).
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("OpenAIEngine needs at least one base URL. Fix: model: {openai: [http://host:8000/v1]}")
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self.base_url = self.base_urls[0]
+        self._next = itertools.count()
         self.model_id = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
@@ -72,13 +80,22 @@ class OpenAIEngine:
 
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str], *,
                             desc: str | None = None) -> list[dict[str, float | None]]:
-        """From the server's top-k at the first position; a candidate outside the top-k is None."""
+        """Logprob of each candidate as the first generated token. vLLM servers get the candidates'
+        token ids in `logprob_token_ids`, so every candidate comes back, not just those in the top-k;
+        other servers answer from their top-k (a candidate outside it is None)."""
+        ids = {c: self._tokenizer.encode(c, add_special_tokens=False) for c in candidates}
+        single = {c: i[0] for c, i in ids.items() if len(i) == 1}
         sampling = Sampling(temperature=0.0, max_tokens=1, logprobs=TOP_LOGPROBS, skip_special_tokens=False)
+        self._logprob_token_ids = sorted(set(single.values())) or None
+        try:
+            results = self.complete(prompts, sampling, desc=desc)
+        finally:
+            self._logprob_token_ids = None
         out = []
-        for result in self.complete(prompts, sampling, desc=desc):
+        for result in results:
             top = (result.completions[0].logprobs or [{}])[0]
             by_text = {self._tokenizer.decode([t]): lp for t, lp in top.items()}
-            out.append({c: by_text.get(c) for c in candidates})
+            out.append({c: top.get(single[c], by_text.get(c)) if c in single else by_text.get(c) for c in candidates})
         return out
 
     def shutdown(self) -> None:  # nothing held locally
@@ -148,6 +165,8 @@ class OpenAIEngine:
             body["logit_bias"] = bias
         if s.logprobs is not None:
             body["logprobs"] = s.logprobs
+            if getattr(self, "_logprob_token_ids", None):
+                body["logprob_token_ids"] = list(self._logprob_token_ids)
         if s.json_schema is not None and s.choice is not None:
             raise ValueError("Sampling sets both json_schema and choice; structured output takes one. Fix: keep one")
         if s.json_schema is not None:
@@ -158,23 +177,26 @@ class OpenAIEngine:
 
     def _request(self, prompt: str, s: Sampling, **kw: Any) -> dict:
         data = json.dumps(self._payload(prompt, s, **kw)).encode()
-        url = f"{self.base_url}/completions"
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.retries + 1):
+        first = next(self._next)
+        attempts = (self.retries + 1) * len(self.base_urls)
+        for attempt in range(attempts):
+            url = f"{self.base_urls[(first + attempt) % len(self.base_urls)]}/completions"
             try:
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode(errors="replace")[:500]
-                if exc.code < 500 or attempt == self.retries:
+                if exc.code < 500 or attempt == attempts - 1:
                     raise RuntimeError(f"{url} answered HTTP {exc.code}: {detail}. Fix: check the model name "
                                        f"({self.model_id!r}) and sampling options the server supports") from exc
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                if attempt == self.retries:
-                    raise RuntimeError(f"can't reach {url} ({exc}). Fix: start the server (vllm serve MODEL) "
-                                       "or correct base_url") from exc
-            time.sleep(0.5 * 2 ** attempt)
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"can't reach {url} ({exc}) nor any other of {len(self.base_urls)} server(s). "
+                                       "Fix: start the server (vllm serve MODEL) or correct base_url") from exc
+            if (attempt + 1) % len(self.base_urls) == 0:  # every server tried once more: back off
+                time.sleep(0.5 * 2 ** (attempt // len(self.base_urls)))
         raise AssertionError("unreachable")

@@ -85,3 +85,26 @@ def test_errors_are_clear(server):
         OpenAIEngine(url, "missing", tokenizer=ScriptedTokenizer(), retries=0).complete(["p"])
     with pytest.raises(RuntimeError, match="can't reach.*Fix"):
         OpenAIEngine("http://127.0.0.1:9/v1", "m", tokenizer=ScriptedTokenizer(), retries=0).complete(["p"])
+
+
+def test_fleet_spreads_requests_and_fails_over_to_a_live_server(server):
+    """A list of base URLs: requests go round-robin; a dead server's share is retried on the others."""
+    url, requests = server
+    dead = "http://127.0.0.1:9/v1"
+    engine = OpenAIEngine([dead, url], "m", tokenizer=ScriptedTokenizer(), retries=0, concurrency=1)
+    results = engine.complete([f"p{i}" for i in range(6)], Sampling(seed=3))
+    assert [r.completions[0].text for r in results] == ["seed3-0 end"] * 6
+    assert len(requests) == 6  # every request answered once, half of them after failing over
+    live = OpenAIEngine([url, url], "m", tokenizer=ScriptedTokenizer(), retries=0)
+    live.complete(["a", "b"], Sampling(seed=1))
+    assert len(requests) == 8
+
+
+def test_candidate_logprobs_ask_for_every_candidate_token_id(server):
+    url, requests = server
+    engine = OpenAIEngine(url, "m", tokenizer=ScriptedTokenizer(), retries=0)
+    engine.next_token_logprobs(["q"], ["A", "B"])
+    ids = sorted(engine.tokenizer.encode(c, add_special_tokens=False)[0] for c in ("A", "B"))
+    assert requests[-1]["logprob_token_ids"] == ids and requests[-1]["max_tokens"] == 1
+    engine.complete(["p"], Sampling(seed=1, logprobs=2))
+    assert "logprob_token_ids" not in requests[-1]  # only for candidate scoring
