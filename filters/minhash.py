@@ -130,13 +130,17 @@ def exact_jaccard_pairs(values: np.ndarray, offsets: np.ndarray, pairs: np.ndarr
     out = np.empty(len(pairs), dtype=np.float64)
     if not len(pairs):
         return out
-    rows = np.unique(pairs)
+    rows = _sorted_unique(pairs.ravel())
     lengths = (offsets[rows + 1] - offsets[rows]).astype(np.int64)
     flat = values[_ranges(offsets[rows], lengths)]
-    _, rank = np.unique(flat, return_inverse=True)
+    # Dense ranks by one sort (np.unique's hash path is several times slower here).
+    order = np.argsort(flat)
+    ordered = flat[order]
+    rank = np.empty(len(flat), dtype=np.uint64)
+    rank[order] = np.concatenate([[0], np.cumsum(ordered[1:] != ordered[:-1])]).astype(np.uint64)
+    del flat, order, ordered
     # Per candidate row: its sorted distinct ranks.
-    keys = np.unique((np.repeat(np.arange(len(rows), dtype=np.uint64), lengths) << np.uint64(32))
-                     | rank.astype(np.uint64))
+    keys = _sorted_unique((np.repeat(np.arange(len(rows), dtype=np.uint64), lengths) << np.uint64(32)) | rank)
     local_row = (keys >> np.uint64(32)).astype(np.int64)
     rank_of = (keys & np.uint64(0xFFFFFFFF))
     sizes = np.bincount(local_row, minlength=len(rows))
@@ -154,6 +158,11 @@ def exact_jaccard_pairs(values: np.ndarray, offsets: np.ndarray, pairs: np.ndarr
         union = sizes[a] + sizes[b] - inter
         out[s:s + len(a)] = np.divide(inter, union, out=np.ones(len(a)), where=union > 0)
     return out
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    a = np.sort(a)
+    return a[np.concatenate([[True], a[1:] != a[:-1]])] if len(a) else a
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -185,15 +194,14 @@ def _ngram_hashes(units: np.ndarray, lengths: np.ndarray, n: int) -> tuple[np.nd
     # Start position of every shingle: doc start + 0 .. per_doc-1.
     first = np.repeat(starts - (np.cumsum(per_doc) - per_doc), per_doc)
     pos = np.arange(first.shape[0], dtype=np.int64) + first
-    end_of = np.repeat(starts + lengths, per_doc)
+    end_of = np.repeat(starts + lengths, per_doc) if (lengths[lengths > 0] < n).any() else None
     padded = np.concatenate([units, np.zeros(n, dtype=np.uint64)])
     with np.errstate(over="ignore"):
         h = padded[pos]
         for k in range(1, n):
             nxt = padded[pos + k]
-            short = pos + k >= end_of  # only in documents shorter than n
-            if short.any():
-                nxt[short] = 0
+            if end_of is not None:  # documents shorter than n: pad their one shingle with zeros
+                nxt[pos + k >= end_of] = 0
             h *= _MIX
             h += nxt
         h = _mix64(h)
@@ -405,7 +413,7 @@ class MinHashDedup(GlobalStep):
     def exact_jaccard(self, scores: pl.LazyFrame, positions: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         """Exact Jaccard of candidate pairs (indices into `positions`, the rows' input positions),
         reading the shingle hashes of candidate rows only."""
-        rows = np.unique(pairs)
+        rows = _sorted_unique(pairs.ravel())
         lists = scores.select(SHINGLES).collect().to_series().gather(positions[rows])
         lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int64)
         values = lists.explode().drop_nulls().to_numpy().astype(np.uint64, copy=False)
