@@ -24,7 +24,7 @@ SCORE_PREFIXES = ("deita_", "reward", "zipfit_", "minhash_cluster_size", "semded
 NOT_SCORES = ("minhash_cluster", "zipfit_rank", "deita_rank", "semdedup_duplicate_of", "deita_missing_tokens",
               "candidate_index")
 LENGTH_COLUMNS = ("instruction_chars", "response_chars")
-HEAVY = ("minhash_signature", "semdedup_embedding", "deita_embedding")
+HEAVY = ("minhash_signature", "minhash_shingles", "semdedup_embedding", "deita_embedding")  # flows.runner.HEAVY_COLUMNS
 
 
 class RunFolderError(AlignforgeError):
