@@ -415,7 +415,7 @@ def select_and_mark(step: GlobalStep, scored: Any, run_url: str, *, label: str) 
 def _artifact(label: str, ds: Any) -> None:
     """A Prefect markdown artifact per stage: kept / dropped by reason, throughput."""
     try:
-        from prefect.artifacts import create_markdown_artifact
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
         from prefect.context import FlowRunContext
 
         if FlowRunContext.get() is None:
@@ -428,6 +428,12 @@ def _artifact(label: str, ds: Any) -> None:
                       f"{s['generated_tokens']} tokens in {s['seconds']:.1f}s ({s['tokens_per_s']:.1f} tok/s)\n\n"
                       f"| drop reason | rows |\n|---|---|\n{rows}\n"),
             description=f"alignforge stage {label}")
+        create_table_artifact(
+            key=f"{_artifact_key(label)}-drops",
+            table=[{"step": label, "rows_in": s["rows_in"], "kept": s["rows_out"], "reason": reason, "rows": count}
+                   for reason, count in s["dropped"].items()] or [{"step": label, "rows_in": s["rows_in"],
+                                                                   "kept": s["rows_out"], "reason": None, "rows": 0}],
+            description=f"alignforge stage {label}: rows dropped by reason")
     except Exception:  # artifacts are observability only; never fail a stage over them
         pass
 
