@@ -117,6 +117,27 @@ def repeated_ngram_counts(text: str | None, n: int = 5) -> tuple[int, int]:
     return sum(len(w) for w, c in zip(words, covered) if c), total
 
 
+def _line_repeats(text: str | None) -> tuple[int, int]:
+    """repeated_line_counts where it can be non-zero; (0, 1) when no stripped line repeats (then no
+    content line does either): one set per message instead of a structural test per line."""
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    if len(set(lines)) == len(lines):
+        return 0, 1
+    return repeated_line_counts(text)
+
+
+def _ngram_repeats(text: str | None, n: int) -> tuple[int, int]:
+    """repeated_ngram_counts where it can be non-zero; (0, 1) when no word n-gram repeats (most
+    messages: one C-level set of zipped tuples instead of the per-gram Python loop)."""
+    words = (text or "").split()
+    if len(words) < n:
+        return 0, 1
+    grams = list(zip(*(words[i:] for i in range(n))))
+    if len(set(grams)) == len(grams):
+        return 0, 1
+    return repeated_ngram_counts(text, n)
+
+
 def _fraction(counts: tuple[int, int]) -> Fraction:
     part, whole = counts
     return Fraction(part, whole) if whole else Fraction(0)
@@ -205,8 +226,9 @@ class Heuristics(Step):
             leak = found.list.first()
         scores["heur_template_leak"] = leak
         per_message = message_texts(df)
-        line_ratio = [worst_message(m, repeated_line_counts) for m in per_message]
-        ngram_ratio = [worst_message(m, lambda t: repeated_ngram_counts(t, cfg.ngram)) for m in per_message]
+        # Fast paths give (0, 1) where the count is 0; worst_message ignores zero counts.
+        line_ratio = [worst_message(m, _line_repeats) for m in per_message]
+        ngram_ratio = [worst_message(m, lambda t: _ngram_repeats(t, cfg.ngram)) for m in per_message]
         scores["heur_repeated_line_ratio"] = pl.Series([float(r) for r in line_ratio], dtype=pl.Float64)
         scores["heur_repeated_ngram_ratio"] = pl.Series([float(r) for r in ngram_ratio], dtype=pl.Float64)
         if cfg.languages:
