@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=6, help="held-out answers per node")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/ultraprompt.md")
+    parser.add_argument("--save-trees", default=None, help="write the lock-step tree rows here (parquet)")
     args = parser.parse_args()
 
     import polars as pl
@@ -144,6 +145,8 @@ def main() -> None:
     try:
         engine.chat([[{"role": "user", "content": "Say hi."}]] * 4, Sampling(max_tokens=8, seed=1))  # warm-up
         lock, lock_stats, lock_s = run_search(engine, df, lockstep=True, args=args)
+        if args.save_trees:
+            lock.write_parquet(args.save_trees)
         n_seq = min(args.seq_trees, args.trees)
         seq, seq_stats, seq_s = run_search(engine, df.head(n_seq), lockstep=False, args=args)
         identical = sum(a == b for a, b in zip(lock.head(n_seq).rows(), seq.rows()))
