@@ -879,7 +879,7 @@ def _to_frame(built: list[dict], rows: list[dict], kind: str, extras: list[str],
             columns[column] = frame[theirs].alias(column)  # already a polars column: as it is
         else:
             columns[column] = freeze(column, [row.get(column) for row in rows])
-    return pl.DataFrame(list(columns.values())) if columns else pl.DataFrame()
+    return pl.DataFrame(columns)  # by name: a list of Series would rename a column named ""
 
 
 def freeze(name: str, values: list) -> pl.Series:

@@ -350,6 +350,20 @@ def test_tool_rows_and_plain_rows_in_one_file_publish_unchanged(tmp_path, capsys
     assert len(ds) == len(rows) and "messages" in ds.column_names
 
 
+def test_odd_column_names_are_carried_not_a_crash(tmp_path, capsys):
+    """Keys JSON allows but tools trip on ("" was renamed by polars, then a crash: exit 1)."""
+    rows = [{"instruction": "Tell me a fact about owls.", "output": "Owls can rotate their heads.",
+             "": 1, " ": "blank", "a.b": [1, 2], "x y": None},
+            {"instruction": "Tell me a fact about cats.", "output": "Cats sleep a lot.", "": 2}]
+    path = rows_file(tmp_path, rows)
+    code, _, err = run_curate(capsys, path, tmp_path / "run")
+    kept, rejected, reasons = accounted(code, err, tmp_path / "run", len(rows))
+    assert reasons == {} and kept.height == 2, reasons
+    kept = kept.sort("")
+    assert kept[""].to_list() == [1, 2] and kept[" "].to_list() == ["blank", None]
+    assert kept["a.b"].to_list() == [[1, 2], None]
+
+
 @pytest.mark.parametrize("sets, needle", [
     (("kind=candidates",), "kind"),
     (("mapping.instruction=question",), "question"),
@@ -375,5 +389,5 @@ def test_missing_input_file(tmp_path, capsys):
 
 
 def test_matrix_size():
-    filter_side = 9  # test functions / parameters above beyond the shared import cases
+    filter_side = 10  # test functions / parameters above beyond the shared import cases
     assert len(IMPORT_CASES) + filter_side >= 30
