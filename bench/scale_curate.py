@@ -9,7 +9,9 @@ words substituted, about half of them above MinHash's 0.8 threshold) with a fres
 1% are exact copies. The run is `alignforge.run("curate", {"input": file, "shard_size": ...},
 workers=...)` in a child process (its own Prefect flow, as the CLI runs it); the parent samples
 the RSS of the child and all its descendants every 0.1 s and reports the peak of their sum.
-Stage lines (rows in / out, seconds) come from the runner's own summary on stderr.
+Stage lines (rows in / out, summed shard seconds) come from the runner's own summary on stderr,
+with the time each was committed. CPU s = user + system time of the child and every process it
+reaped (load-independent; on a shared box wall time also counts waiting for a core).
 Targets (issue 14): peak RSS < 4 GiB and >= 20k rows/s end to end on 2 cores.
 """
 
@@ -93,6 +95,8 @@ def _edit(rng, vocab, texts: pl.Series, edits: np.ndarray) -> pl.Series:
 def _child(args) -> None:
     """The measured run (in its own process)."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # On a loaded shared box the ephemeral API server can take longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ["ALIGNFORGE_QUIET"] = "0"
     from flows.runner import run
 
@@ -125,6 +129,9 @@ def measure(input_path: Path, rows: int, shard_size: int, workers: int, out: Pat
     cmd = [sys.executable, "-m", "bench.scale_curate", "--child", "--input", str(input_path), "--out", str(out),
            "--shard-size", str(shard_size), "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = [0]
@@ -137,15 +144,31 @@ def measure(input_path: Path, rows: int, shard_size: int, workers: int, out: Pat
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    stdout, stderr = child.communicate()
+    stages: list[str] = []
+    err_tail: list[str] = []
+
+    def read_stderr():  # stage lines as they come: the time each stage committed, from the start
+        for line in child.stderr:
+            err_tail.append(line)
+            del err_tail[:-200]
+            if line.startswith("["):
+                stages.append(f"{line.strip()}  (committed at {time.perf_counter() - t0:.1f} s)")
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    stdout = child.stdout.read()
+    child.wait()
+    reader.join()
+    stderr = "".join(err_tail)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and every process it reaped
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     done.set()
     poller.join()
     if child.returncode != 0:
         raise SystemExit(f"curate run failed ({child.returncode}):\n{stderr[-4000:]}")
     result = json.loads(next(line[7:] for line in stdout.splitlines() if line.startswith("RESULT ")))
-    stages = [line.strip() for line in stderr.splitlines() if line.startswith("[")]
-    return {"rows": rows, "wall": wall, "run_seconds": result["seconds"], "peak_rss": peak[0], "stages": stages,
+    return {"rows": rows, "wall": wall, "cpu": cpu, "run_seconds": result["seconds"], "peak_rss": peak[0], "stages": stages,
             "summary": result["summary"]}
 
 
@@ -169,15 +192,16 @@ def main(argv=None) -> None:
     lines = []
     try:
         for rows in args.rows:
-            data = work / f"sft-{rows}.parquet"
+            data = work / f"sft-{rows}-{args.dup_share}.parquet"
             t0 = time.perf_counter()
-            make_rows(data, rows, dup_share=args.dup_share)
+            if not data.exists():  # --dir --keep: reuse the generated file
+                make_rows(data, rows, dup_share=args.dup_share)
             gen = time.perf_counter() - t0
             r = measure(data, rows, args.shard_size, args.workers, work / f"run-{rows}")
             load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
             gib = r["peak_rss"] / 2**30
             line = (f"| {rows:,} | {args.shard_size:,} | {args.workers} | {r['run_seconds']:.1f} | "
-                    f"{rows / r['run_seconds']:,.0f} | {gib:.2f} | {load} |")
+                    f"{rows / r['run_seconds']:,.0f} | {r['cpu']:.1f} | {rows / r['cpu']:,.0f} | {gib:.2f} | {load} |")
             lines.append((line, r, gen, data.stat().st_size))
             print(line, flush=True)
             for s in r["stages"]:
@@ -189,8 +213,8 @@ def main(argv=None) -> None:
         if not args.keep and not args.dir:
             shutil.rmtree(work, ignore_errors=True)
     header = (f"# curate (heuristics + MinHash) at scale, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores\n\n"
-              "| rows | shard size | workers | run seconds | rows/s | peak RSS GiB (tree) | load average at end |\n"
-              "|---:|---:|---:|---:|---:|---:|---|\n")
+              "| rows | shard size | workers | run seconds | rows/s | CPU s (tree) | rows per CPU s | peak RSS GiB (tree) "
+              "| load average at end |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     body = "\n".join(line for line, *_ in lines)
     details = "\n".join(f"\n{r['rows']:,} rows (data {size / 2**20:.0f} MiB, generated in {gen:.1f} s):\n"
                         + "\n".join(f"    {s}" for s in r["stages"]) for _, r, gen, size in lines)
