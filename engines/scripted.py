@@ -41,6 +41,10 @@ class ScriptedTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [self.vocab.setdefault(word, len(self.vocab)) for word in text.split()]
 
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        """What a Hugging Face tokenizer returns when called (the judge and taggers count tokens so)."""
+        return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
+
     def decode(self, ids: Sequence[int]) -> str:
         words = {i: w for w, i in self.vocab.items()}
         return " ".join(words[i] for i in ids)

@@ -62,6 +62,8 @@ def build_configs(recipe: Any, stages: list[tuple[str, Any]]) -> tuple[dict[str,
         for reason, count in (getattr(built, "unscored", None) or {}).items():
             drops[f"candidate:{reason}"] = int(count)  # unscored candidates: listed with null score + reason
     else:
+        for column, value in (spec.where or {}).items():
+            final = final.filter(pl.col(column) == value)
         configs["default"] = _project(final.sort("id") if "id" in final.columns else final, spec.columns)
     by_name = dict(stages)
     for name, extra in spec.configs.items():

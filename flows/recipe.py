@@ -63,6 +63,7 @@ class PublishSpec(BaseModel):
     format: Literal["sft", "preference", "candidates", "instructions", "rows"] = Field(
         "sft", description="layout of the default config (TRL SFT `messages`, preference pairs, candidate sets...)")
     columns: list[str] | None = Field(None, description="columns of the default config (None: all but internal ones)")
+    where: dict[str, Any] | None = Field(None, description="{column: value} the default config's rows must match")
     test_size: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share (test split by hashed id)")
     margin: float = Field(0.0, ge=0.0, description="preference: keep pairs with score_chosen - score_rejected > margin")
     configs: dict[str, ConfigSpec] = Field(default_factory=dict, description="extra named configs")
@@ -256,7 +257,7 @@ def _set(raw: dict[str, Any], target: str, value: Any, source: str) -> None:
             _set_path(node, field, value, source, target)
         return
     if parts[0] == "input" and len(parts) == 1 and not isinstance(value, dict):
-        value = {"path": value}  # `--set input=file.jsonl`
+        parts, value = ["input", "path"], value  # `--set input=file.jsonl` sets the path, keeps kind / mapping
     if parts[0] in ("input", "publish") and len(parts) > 1:
         node = raw.setdefault(parts[0], {}) or {}
         raw[parts[0]] = node = dict(node)

@@ -15,6 +15,9 @@ STEPS: dict[str, str] = {
     "magpie_responses": "stages.magpie:MagpieResponses",
     "magpie_tags": "stages.tags:MagpieTags",
     "best_of_n": "stages.best_of_n:BestOfN",
+    "mcts_category": "stages.ultraprompt:MCTSCategory",
+    "mcts_rewrite": "stages.ultraprompt:MCTSRewrite",
+    "mcts_pairs": "stages.ultraprompt:MCTSPairs",
     # checks, scores and selections (filters/)
     "magpie_checks": "filters.checks:MagpieChecks",
     "exact_dedup": "filters.checks:ExactDedup",
