@@ -95,6 +95,10 @@ from schemas import (CANDIDATES, KEEP, MESSAGE, MESSAGES, ROLES, TOOL_FIELDS, Sc
 ORIGIN = "import@1"
 FILE_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
 _UNSUPPORTED_SUFFIXES = (".csv", ".tsv", ".txt", ".xlsx", ".xls", ".arrow", ".feather")
+# Magic bytes of compressed files -> (format, the command that unpacks one: `<command> FILE`).
+_COMPRESSED = ((b"\x1f\x8b", ("gzip", "gunzip -k")), (b"BZh", ("bzip2", "bunzip2 -k")),
+               (b"\xfd7zXZ\x00", ("xz", "unxz -k")), (b"\x28\xb5\x2f\xfd", ("zstd", "unzstd")),
+               (b"PK\x03\x04", ("zip", "unzip")))
 
 ROLE_ALIASES = {
     "system": "system", "user": "user", "human": "user", "prompter": "user", "question": "user",
@@ -349,6 +353,11 @@ def _read_file(fs, path: str, shown: str) -> tuple[list[dict], list[str], bool]:
         return frame.to_dicts(), list(frame.columns), False
     with fs.open(path, "rb") as f:
         data = f.read()
+    packed = next((c for magic, c in _COMPRESSED if data.startswith(magic)), None)
+    if packed is not None:  # not a text encoding problem: iconv would not help
+        raise SchemaError(f"file is {packed[0]}-compressed", dataset=shown,
+                          fix=f"decompress it first, e.g. `{packed[1]} {shown}`, and import the "
+                              "JSON lines / JSON file inside")
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise SchemaError("file is UTF-16 encoded (it starts with a UTF-16 byte order mark)", dataset=shown,
                           row="line 1", fix=f"re-encode it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 {shown} > fixed.jsonl`")

@@ -364,6 +364,23 @@ def test_odd_column_names_are_carried_not_a_crash(tmp_path, capsys):
     assert kept["a.b"].to_list() == [[1, 2], None]
 
 
+@pytest.mark.parametrize("suffix, compress, tool", [
+    (".jsonl.gz", "gzip", "gunzip"), (".jsonl", "gzip", "gunzip"), (".jsonl.bz2", "bz2", "bunzip2"),
+    (".jsonl.xz", "lzma", "unxz"),
+], ids=["gz", "gz_as_jsonl", "bz2", "xz"])
+def test_compressed_file_says_decompress_not_reencode(tmp_path, capsys, suffix, compress, tool):
+    """A compressed export is not a text-encoding problem: the error must not suggest iconv."""
+    import importlib
+
+    data = b'{"instruction": "Tell me about owls.", "output": "Owls."}\n'
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(importlib.import_module(compress).compress(data))
+    out = tmp_path / "run"
+    code, _, err = run_curate(capsys, path, out)
+    line = one_line_error(code, err)
+    assert "compressed" in line and tool in line and "iconv" not in line and str(path) in line, line
+
+
 @pytest.mark.parametrize("sets, needle", [
     (("kind=candidates",), "kind"),
     (("mapping.instruction=question",), "question"),
@@ -389,5 +406,5 @@ def test_missing_input_file(tmp_path, capsys):
 
 
 def test_matrix_size():
-    filter_side = 10  # test functions / parameters above beyond the shared import cases
+    filter_side = 14  # test functions / parameters above beyond the shared import cases
     assert len(IMPORT_CASES) + filter_side >= 30
