@@ -95,6 +95,11 @@ from schemas import (CANDIDATES, KEEP, MESSAGE, MESSAGES, ROLES, TOOL_FIELDS, Sc
 ORIGIN = "import@1"
 FILE_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
 _UNSUPPORTED_SUFFIXES = (".csv", ".tsv", ".txt", ".xlsx", ".xls", ".arrow", ".feather")
+# Rows nesting lists / objects deeper than this are an error (Python's json and our recursive checks
+# give up near 1000); columns nesting deeper than MAX_NATIVE_DEPTH are carried as JSON text (Arrow
+# refuses deep schemas: "Recursion level in ArrowSchema struct exceeded").
+MAX_JSON_DEPTH = 100
+MAX_NATIVE_DEPTH = 32
 # Magic bytes of compressed files -> (format, the command that unpacks one: `<command> FILE`).
 _COMPRESSED = ((b"\x1f\x8b", ("gzip", "gunzip -k")), (b"BZh", ("bzip2", "bunzip2 -k")),
                (b"\xfd7zXZ\x00", ("xz", "unxz -k")), (b"\x28\xb5\x2f\xfd", ("zstd", "unzstd")),
@@ -372,7 +377,9 @@ def _read_file(fs, path: str, shown: str) -> tuple[list[dict], list[str], bool]:
     check_utf8 = _SURROGATE_ESCAPE.search(text) is not None
     if path.endswith(".json") and text.lstrip()[:1] in ("[", "{"):
         try:
-            doc = json.loads(text)
+            doc = _checked_depth(json.loads(text), shown, "line 1")
+        except RecursionError:
+            raise _too_deep(shown, "line 1") from None
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("{"):  # maybe JSON lines with a .json suffix
                 return (*_parse_json_lines(text, shown), check_utf8)
@@ -396,11 +403,30 @@ def _parse_json_lines(text: str, shown: str) -> tuple[list[dict], list[str]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(_checked_depth(json.loads(line), shown, f"line {number}"))
         except json.JSONDecodeError as e:
             raise SchemaError(f"invalid JSON on line {number}: {e.msg} (column {e.colno})", dataset=shown,
                               row=f"line {number}", fix="each line must be one JSON object") from None
+        except RecursionError:  # Python's json gives up near 1000 levels
+            raise _too_deep(shown, f"line {number}") from None
     return _check_dict_rows(rows, shown)
+
+
+def _too_deep(shown: str, where: str) -> SchemaError:
+    return SchemaError(f"JSON value nested too deeply (more than {MAX_JSON_DEPTH} levels)", dataset=shown, row=where,
+                       fix="flatten that value, or store it as a JSON string")
+
+
+def _checked_depth(value: Any, shown: str, where: str) -> Any:
+    """`value` unless lists / objects nest deeper than MAX_JSON_DEPTH (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep(shown, where)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 def _check_dict_rows(rows: list, shown: str) -> tuple[list[dict], list[str]]:
@@ -897,11 +923,19 @@ def freeze(name: str, values: list) -> pl.Series:
     value as its JSON text (strings as they are, so JSON text columns stay byte-identical)."""
     try:
         series = pl.Series(name, values, strict=False)
-        if series.dtype != pl.Object and _same(series.to_list(), values):
+        if series.dtype != pl.Object and _dtype_depth(series.dtype) <= MAX_NATIVE_DEPTH and _same(series.to_list(), values):
             return series
     except Exception:  # noqa: BLE001 - polars refused the mix of types: JSON text below
         pass
     return pl.Series(name, [_json_text(v) for v in values], dtype=pl.Utf8)
+
+
+def _dtype_depth(dtype: Any) -> int:
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return 1 + _dtype_depth(dtype.inner)
+    if isinstance(dtype, pl.Struct):
+        return 1 + max((_dtype_depth(f.dtype) for f in dtype.fields), default=0)
+    return 0
 
 
 def _json_text(value: Any) -> str | None:

@@ -381,6 +381,33 @@ def test_compressed_file_says_decompress_not_reencode(tmp_path, capsys, suffix, 
     assert "compressed" in line and tool in line and "iconv" not in line and str(path) in line, line
 
 
+@pytest.mark.parametrize("suffix, depth", [(".jsonl", 5000), (".json", 5000), (".jsonl", 150)])
+def test_json_nested_too_deep_is_an_error_not_a_crash(tmp_path, capsys, suffix, depth):
+    """Python's json raises RecursionError past ~1000 levels: was 'unexpected error', exit 1."""
+    deep = "[" * depth + "]" * depth
+    row = '{"instruction": "Tell me about owls.", "output": "Owls.", "meta": %s}' % deep
+    path = tmp_path / f"rows{suffix}"
+    path.write_text(f"[{row}]" if suffix == ".json" else '{"instruction": "a b c", "output": "d"}\n' + row + "\n")
+    code, _, err = run_curate(capsys, path, tmp_path / "run")
+    line = one_line_error(code, err)
+    assert "nested too deeply" in line and str(path) in line, line
+    if suffix == ".jsonl":
+        assert "row 'line 2'" in line, line
+
+
+def test_deeply_nested_but_parseable_value_is_carried(tmp_path, capsys):
+    """60 levels: Arrow refuses such a schema ('Recursion level in ArrowSchema struct exceeded',
+    exit 1): carried as JSON text instead."""
+    meta = json.loads("[" * 60 + "1" + "]" * 60)
+    rows = [{"instruction": "Tell me a fact about owls.", "output": "Owls hoot.", "meta": meta},
+            {"instruction": "Tell me a fact about cats.", "output": "Cats purr."}]
+    path = rows_file(tmp_path, rows)
+    code, _, err = run_curate(capsys, path, tmp_path / "run")
+    kept, rejected, reasons = accounted(code, err, tmp_path / "run", len(rows))
+    assert kept.height == 2, reasons
+    assert kept["meta"].drop_nulls().to_list() == [json.dumps(meta)]
+
+
 @pytest.mark.parametrize("sets, needle", [
     (("kind=candidates",), "kind"),
     (("mapping.instruction=question",), "question"),
@@ -406,5 +433,5 @@ def test_missing_input_file(tmp_path, capsys):
 
 
 def test_matrix_size():
-    filter_side = 14  # test functions / parameters above beyond the shared import cases
+    filter_side = 18  # test functions / parameters above beyond the shared import cases
     assert len(IMPORT_CASES) + filter_side >= 30
