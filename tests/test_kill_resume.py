@@ -7,8 +7,8 @@ the finished run publishes exactly the rows of an uninterrupted run.
 
 Kill moments: a seeded RNG picks 10 (3) distinct points on the run's progress, counted as the
 files the uninterrupted run leaves in its run folder (shards, rejected parts, stats, manifests,
-published files), plus a random delay of up to 0.2 s, so kills land in startup, mid-shard, between
-a global step's score and select phases and inside publish. Each CLI run is its own process group
+published files; each rerun is killed after at least one new file), plus a random delay of up to
+0.2 s, so kills land mid-shard, between a global step's score and select phases and inside publish. Each CLI run is its own process group
 (start_new_session) killed with os.killpg, so nothing it spawned survives it. The CLI processes
 talk to one `prefect server start` for the module (the temporary server would start per process,
 ~30 s each on a busy box).
@@ -117,6 +117,7 @@ def kill_at(cmd: list[str], env: dict, out: Path, threshold: int, delay: float, 
     """Start the CLI, SIGKILL its process group once `progress(out) >= threshold` (+ delay).
     Returns where the kill landed ('killed at N files'), or fails if the run ended first."""
     before = committed_shards(out)
+    threshold = max(threshold, progress(out) + 1)  # each run is killed after it made some progress
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)  # own process group: Prefect / vLLM children die with it
     try:
