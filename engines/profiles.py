@@ -3,7 +3,7 @@
 A step config's defaults are the paper's settings (Magpie: greedy responses, no penalties). Some
 models need something else to give usable data with them: the embedded SmolLM2-135M-Instruct,
 decoded greedily, loops until the token cap on about half of Magpie's instructions (issue 15), and
-a mild repetition penalty (1.05, vLLM's multiplicative `repetition_penalty`) stops most loops.
+a mild repetition penalty (1.1, vLLM's multiplicative `repetition_penalty`) stops most loops.
 Such a setting is a fact about the model, not about Magpie, so it lives here:
 
     PROFILES = {model name: {step name: {field: value}}}
@@ -29,7 +29,7 @@ EMBEDDED = "SmolLM2-135M-Instruct"  # engines.embedded.EMBEDDED_MODEL_NAME (not 
 
 # Measured with bench/yield.py (README "Model profiles"): magpie-sft n=50 on the embedded model.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    EMBEDDED: {"magpie_responses": {"repetition_penalty": 1.05}},
+    EMBEDDED: {"magpie_responses": {"repetition_penalty": 1.1}},
 }
 
 
@@ -56,7 +56,7 @@ def profile_for(model: Any) -> dict[str, dict[str, Any]]:
 
 
 def describe(model: Any, applied: Mapping[str, Any]) -> str:
-    """One line for stats / the card: 'SmolLM2-135M-Instruct profile: repetition_penalty=1.05'."""
+    """One line for stats / the card: 'SmolLM2-135M-Instruct profile: repetition_penalty=1.1'."""
     values = ", ".join(f"{k}={v}" for k, v in sorted(applied.items()))
     return f"{profile_name(model)} profile: {values}"
 

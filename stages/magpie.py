@@ -178,7 +178,7 @@ class MagpieResponsesConfig(StepConfig):
     max_tokens: int = Field(512, ge=1)
     repetition_penalty: float = Field(1.0, gt=0.0, description="responses: vLLM repetition_penalty (1.0 = none, "
                                       "the paper's; > 1 discourages tokens already in the prompt or answer). "
-                                      "A model profile may change it: the embedded model uses 1.05 (engines/profiles.py)")
+                                      "A model profile may change it: the embedded model uses 1.1 (engines/profiles.py)")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM frequency_penalty (0 = none)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM presence_penalty (0 = none)")
     # Follow-up queries (turn >= 2) are sampled like first queries.

@@ -22,10 +22,10 @@ def test_profile_names(model, name):
 
 
 def test_embedded_profile_and_other_models_get_the_papers_defaults():
-    assert profile_for(None) == {"magpie_responses": {"repetition_penalty": 1.05}}
+    assert profile_for(None) == {"magpie_responses": {"repetition_penalty": 1.1}}
     assert profile_for("meta-llama/Llama-3.1-8B-Instruct") == {}
     profile_for(None)["magpie_responses"]["repetition_penalty"] = 9.0  # a copy: PROFILES untouched
-    assert PROFILES[EMBEDDED]["magpie_responses"]["repetition_penalty"] == 1.05
+    assert PROFILES[EMBEDDED]["magpie_responses"]["repetition_penalty"] == 1.1
     assert describe(None, {"repetition_penalty": 1.05}) == "SmolLM2-135M-Instruct profile: repetition_penalty=1.05"
 
 
@@ -42,8 +42,8 @@ def _responses(recipe):
 
 def test_profile_applies_to_the_embedded_model():
     step = _responses(load_recipe("magpie-sft", sets=["n=4"]))
-    assert step.config.repetition_penalty == 1.05
-    assert step.model_profile == (None, {"repetition_penalty": 1.05})
+    assert step.config.repetition_penalty == 1.1
+    assert step.model_profile == (None, {"repetition_penalty": 1.1})
     # Only the step the profile names: instructions keep the paper's sampling.
     instructions = build_steps(load_recipe("magpie-sft", sets=["n=4"]))[0]
     assert instructions.config.repetition_penalty == 1.0 and not hasattr(instructions, "model_profile")
@@ -88,12 +88,12 @@ def test_profile_reaches_sampling_and_the_card(tmp_path, monkeypatch):
 
     recipe = load_recipe("magpie-sft", sets=["n=3", "steps.exact_dedup.enabled=false"])
     result = execute(recipe, str(tmp_path / "run"), engine=ScriptedEngine(respond))
-    assert result["rows_kept"] == 3 and seen == [1.05] * 3
+    assert result["rows_kept"] == 3 and seen == [1.1] * 3
     card = (Path(result["dataset"]) / "README.md").read_text()
-    assert "SmolLM2-135M-Instruct profile: repetition_penalty=1.05" in card
+    assert "SmolLM2-135M-Instruct profile: repetition_penalty=1.1" in card
     configs = json.loads(card.split("Full configs and stats of every step:")[1].split("```json")[1].split("```")[0])
     responses = next(c for c in configs if c["step"] == "magpie_responses")
-    assert responses["config"]["repetition_penalty"] == 1.05
+    assert responses["config"]["repetition_penalty"] == 1.1
 
     seen.clear()
     explicit = load_recipe("magpie-sft", sets=["n=3", "steps.exact_dedup.enabled=false",
@@ -127,7 +127,7 @@ def test_summary_prints_kept_share_and_which_setting_to_raise(tmp_path, capsys):
     assert "28 kept of 50 (56%)" in out
     assert "most drops are truncations (22 of 22 drops; truncated_response 20 in magpie_responses)" in out
     assert "raise steps.magpie_responses.repetition_penalty from 1 " in out
-    assert "--set steps.magpie_responses.repetition_penalty=1.05" in out
+    assert "--set steps.magpie_responses.repetition_penalty=1.1" in out
 
 
 def test_summary_says_lower_a_strong_penalty_and_max_tokens_for_queries(tmp_path):
