@@ -159,9 +159,11 @@ def truncation_hint(result: dict) -> str | None:
         now = _published_config(result, step).get("repetition_penalty")
         if isinstance(now, (int, float)) and now >= 1.15:  # measured: 1.2 truncates more than 1.05 (README)
             return (f"{line}. Fix: lower {where}repetition_penalty (now {now:g}; a strong penalty makes small models "
-                    f"ramble: --set {where}repetition_penalty=1.05) or raise {where}max_tokens")
+                    f"ramble: --set {where}repetition_penalty=1.1) or raise {where}max_tokens")
         known = isinstance(now, (int, float))
-        to = 1.1 if known and now >= 1.05 else 1.05  # 1.05 stops most loops of the embedded model (README)
+        if known and now >= 1.1:  # measured: stronger penalties ramble and truncate again (README)
+            return f"{line}. Fix: raise {where}max_tokens (the repetition penalty is already {now:g})"
+        to = 1.1  # stops most loops of the embedded model (README 'Model profiles')
         return (f"{line}, usually a small model looping under greedy decoding. Fix: raise {where}repetition_penalty"
                 + (f" from {now:g}" if known else "") + f" (--set {where}repetition_penalty={to:g}; README "
                 f"'Model profiles') or raise {where}max_tokens")
