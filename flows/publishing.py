@@ -119,12 +119,18 @@ def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, mod
     rejected = [r.drop([c for c in heavy if c in r.columns]) for r in [*rejected, *extra_rejected] if r.height]
     rejected_rows = pl.concat(rejected, how="diagonal_relaxed") if rejected else None
     spec = recipe.publish
+    from engines.profiles import profile_for, profile_name
+
+    applied = {f"{step.name}.{field}": value for step in recipe.enabled_steps()
+               for field, value in profile_for(recipe.model).get(step.name, {}).items() if field not in step.config}
     card = {
         "title": spec.title or f"{recipe.name} (alignforge)",
         "recipe": recipe.name,
         "method": spec.method or recipe.description or " -> ".join(label for label, _ in stages),
         "model": model_id,
         "steps": steps,
+        **({"sampling": {f"model profile ({profile_name(recipe.model)})": ", ".join(
+            f"{k}={v}" for k, v in applied.items())}} if applied else {}),
         "params": recipe.model_dump(mode="json", exclude={"source"}),
         "lineage": {label: ds.manifest() for label, ds in stages},
         "drop_stats": dict(sorted(drops.items())),
