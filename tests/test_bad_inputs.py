@@ -433,5 +433,5 @@ def test_missing_input_file(tmp_path, capsys):
 
 
 def test_matrix_size():
-    filter_side = 18  # test functions / parameters above beyond the shared import cases
+    filter_side = 22  # test functions / parameters above beyond the shared import cases
     assert len(IMPORT_CASES) + filter_side >= 30
