@@ -11,6 +11,10 @@ import pytest
 # captured streams ("--- Logging error ---"); the CLI runs at WARNING too (flows.cli).
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "WARNING")
+# Tests that run recipes in-process start Prefect's ephemeral server: 20 s is too short on a busy box.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def pytest_collection_modifyitems(config, items):
