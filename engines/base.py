@@ -19,6 +19,8 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, bias); applies at every position
     first_token_bias: tuple[tuple[int, float], ...] = ()  # applies to the first generated token only
+    # (n, penalty): logit -= penalty x (times this n-gram was already generated); engines.ngram_penalty
+    ngram_penalties: tuple[tuple[int, float], ...] = ()
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from engines import chat_template
 from engines.base import Completion, GenerationResult, Sampling
+from engines.ngram_penalty import NGRAM_PENALTY_KEY, QUALIFIED_NAME as NGRAM_PENALTY_PROCESSOR
 
 log = logging.getLogger(__name__)
 PROMPT_TOO_LONG = "prompt_too_long"  # Completion.finish_reason for a prompt that doesn't fit the context
@@ -80,7 +81,7 @@ class VLLMEngine:
         from engines.vllm_logits import QUALIFIED_NAME
 
         kwargs: dict[str, Any] = dict(model=self.model_path, max_model_len=max_model_len, seed=seed,
-                                      logits_processors=[QUALIFIED_NAME])
+                                      logits_processors=[QUALIFIED_NAME, NGRAM_PENALTY_PROCESSOR])
         if self.on_cpu:
             # bf16 produced garbage on CPU (measured), and CUDA graphs don't exist there.
             kwargs.update(dtype=dtype or "float32", enforce_eager=True if enforce_eager is None else enforce_eager)
@@ -253,14 +254,16 @@ class VLLMEngine:
             structured = StructuredOutputsParams(json=s.json_schema)
         elif s.choice is not None:
             structured = StructuredOutputsParams(choice=list(s.choice))
-        extra = {FIRST_TOKEN_BIAS_KEY: [[int(t), float(b)] for t, b in s.first_token_bias]} if s.first_token_bias else None
+        extra = {FIRST_TOKEN_BIAS_KEY: [[int(t), float(b)] for t, b in s.first_token_bias]} if s.first_token_bias else {}
+        if s.ngram_penalties:
+            extra[NGRAM_PENALTY_KEY] = [[int(n), float(p)] for n, p in s.ngram_penalties]
         return SamplingParams(
             n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed,
             stop=stop or None, stop_token_ids=sorted(set(stop_ids)) or None,
             logit_bias={int(t): float(b) for t, b in s.logit_bias} or None,
             repetition_penalty=s.repetition_penalty, frequency_penalty=s.frequency_penalty,
             presence_penalty=s.presence_penalty, logprobs=s.logprobs, structured_outputs=structured,
-            skip_special_tokens=s.skip_special_tokens, extra_args=extra)
+            skip_special_tokens=s.skip_special_tokens, extra_args=extra or None)
 
     def _generate(self, prompts: list, params: list, desc: str) -> list:
         started = time.perf_counter()
