@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.setup-$(EXTRA)
 OUT     ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: chromium setup check-deps demo demo-dpo demo-curate test test-fast bench bench-generation bench-curate bench-scoring model clean
+.PHONY: chromium setup check-deps demo demo-dpo demo-curate test test-fast bench bench-generation bench-curate bench-scoring bench-methods model clean
 
 setup: $(STAMP)
 
@@ -67,7 +67,7 @@ test: setup chromium
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS)
 
-bench: bench-generation bench-curate bench-scoring
+bench: bench-generation bench-curate bench-scoring bench-methods
 
 bench-generation: setup
 	$(PY) -m bench.generation
@@ -76,6 +76,14 @@ bench-curate: setup
 	$(PY) -m bench.minhash
 	$(PY) -m bench.zipfit
 	$(PY) -m bench.semdedup
+	$(PY) -m bench.scale_curate
+
+# The generation methods on the embedded model: demo yield, Self-Align, UltraPrompt MCTS, NC sets.
+bench-methods: setup
+	$(PY) -m bench.yield
+	$(PY) -m bench.self_align
+	$(PY) -m bench.ultraprompt
+	$(PY) -m bench.nc
 
 bench-scoring: setup
 	$(PY) -m bench.deita
