@@ -282,3 +282,16 @@ def comparison_markdown(table: pl.DataFrame, *, a: str = "nc", b: str = "iid") -
         lines.append(f"| {r['metric']} | {r['pairs']} | {f(r[a])} | {f(r[b])} | {f(r['diff'])} | "
                      f"[{f(r['ci_low'])}, {f(r['ci_high'])}] |")
     return "\n".join(lines)
+
+
+def card_section(rows: pl.DataFrame) -> tuple[str, str] | None:
+    """The dataset card's NC vs i.i.d. section when a run generated both on the same prompts.
+
+    `rows`: every candidate-set row of the run, kept (keep = True) and dropped, with `method`."""
+    if "method" not in rows.columns or set(rows["method"].drop_nulls().unique().to_list()) < {"nc", "iid"}:
+        return None
+    table = paired_comparison(rows)
+    return ("NC vs i.i.d. candidate sets (paired by prompt)", comparison_markdown(table))
+
+
+Diversity.card_section = staticmethod(card_section)

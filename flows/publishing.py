@@ -93,6 +93,24 @@ def card_plots(run_url: str) -> list[str]:
         return []
 
 
+def _card_sections(stages: list[tuple[str, Any]]) -> dict[str, str]:
+    """Sections steps add to the card (e.g. diversity's NC vs i.i.d. table) from every row of the run."""
+    from flows.steps import STEPS, step_class
+
+    sections: dict[str, str] = {}
+    for label, ds in stages:
+        hook = getattr(step_class(label), "card_section", None) if label in STEPS else None
+        if hook is None:
+            continue
+        kept = ds.read().with_columns(pl.lit(True).alias("keep"))
+        dropped = [other.read(rejected=True) for _, other in stages]
+        frames = [kept, *[d.with_columns(pl.lit(False).alias("keep")) for d in dropped if d.height]]
+        section = hook(pl.concat(frames, how="diagonal_relaxed"))
+        if section:
+            sections[section[0]] = section[1]
+    return sections
+
+
 def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, model_id: str | None) -> dict:
     """Publish the run to `<run>/publish` with rejected rows and a card listing every step."""
     import storage
@@ -121,6 +139,7 @@ def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, mod
     spec = recipe.publish
     from engines.profiles import profile_for, profile_name
 
+    sections = _card_sections(stages)
     applied = {f"{step.name}.{field}": value for step in recipe.enabled_steps()
                for field, value in profile_for(recipe.model).get(step.name, {}).items() if field not in step.config}
     card = {
@@ -134,6 +153,7 @@ def publish_run(recipe: Any, stages: list[tuple[str, Any]], run_url: str, *, mod
         "params": recipe.model_dump(mode="json", exclude={"source"}),
         "lineage": {label: ds.manifest() for label, ds in stages},
         "drop_stats": dict(sorted(drops.items())),
+        "sections": sections,
         "generated_tokens": tokens,
         "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0,
     }

@@ -15,6 +15,8 @@ STEPS: dict[str, str] = {
     "magpie_responses": "stages.magpie:MagpieResponses",
     "magpie_tags": "stages.tags:MagpieTags",
     "best_of_n": "stages.best_of_n:BestOfN",
+    "nc_candidates": "stages.nc_sampling:NCCandidates",
+    "iid_candidates": "stages.nc_sampling:IIDCandidates",
     "mcts_category": "stages.ultraprompt:MCTSCategory",
     "mcts_rewrite": "stages.ultraprompt:MCTSRewrite",
     "mcts_pairs": "stages.ultraprompt:MCTSPairs",
@@ -28,6 +30,7 @@ STEPS: dict[str, str] = {
     "zipfit": "filters.zipfit:ZipFit",
     "deita": "filters.deita:DeitaFilter",
     "reward_label": "filters.reward:RewardLabel",
+    "diversity": "filters.diversity:Diversity",
 }
 
 

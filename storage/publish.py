@@ -525,6 +525,8 @@ def render_card(splits_info, frames, drop_counts, card, manifest) -> str:
         lines += ["", "Full configs and stats of every step:", "", "```json",
                   json.dumps([{k: step.get(k) for k in ("step", "config", "stats")} for step in card["steps"]],
                              indent=1, default=str), "```", ""]
+    for title, markdown in (card.get("sections") or {}).items():
+        lines += [f"## {title}", "", markdown, ""]
     if card.get("params"):
         lines += ["## Parameters", "", "```json", json.dumps(card["params"], indent=1, default=str), "```", ""]
     if card.get("drop_stats"):
