@@ -18,7 +18,7 @@ def test_recipe_defaults_and_nested_reward_overrides():
 
 
 def stage_dirs(run: Path, name: str) -> list[str]:
-    return sorted(p.name for p in (out / "stages").iterdir() if p.name.startswith(name))
+    return sorted(p.name for p in (run / "stages").iterdir() if p.name.startswith(name))
 
 
 @pytest.mark.engine
