@@ -75,7 +75,8 @@ def build_configs(recipe: Any, stages: list[tuple[str, Any]]) -> tuple[dict[str,
         rows = by_name[extra.step].read()
         for column, value in (extra.where or {}).items():
             rows = rows.filter(pl.col(column) == value)
-        configs[name] = _project(rows.sort("id") if "id" in rows.columns else rows, extra.columns)
+        if rows.height:  # an extra config with no rows (e.g. verbose answers switched off) is not published
+            configs[name] = _project(rows.sort("id") if "id" in rows.columns else rows, extra.columns)
     return configs, rejected, drops
 
 

@@ -15,6 +15,11 @@ STEPS: dict[str, str] = {
     "magpie_responses": "stages.magpie:MagpieResponses",
     "magpie_tags": "stages.tags:MagpieTags",
     "best_of_n": "stages.best_of_n:BestOfN",
+    "tgrt_topics": "stages.self_align:TGRTTopics",
+    "tgrt_questions": "stages.self_align:TGRTQuestions",
+    "self_instruct": "stages.self_align:SelfInstruct",
+    "principled_answers": "stages.self_align:PrincipledAnswers",
+    "verbose_answers": "stages.self_align:VerboseAnswers",
     "nc_candidates": "stages.nc_sampling:NCCandidates",
     "iid_candidates": "stages.nc_sampling:IIDCandidates",
     "mcts_category": "stages.ultraprompt:MCTSCategory",
@@ -31,6 +36,7 @@ STEPS: dict[str, str] = {
     "deita": "filters.deita:DeitaFilter",
     "reward_label": "filters.reward:RewardLabel",
     "diversity": "filters.diversity:Diversity",
+    "self_align_filter": "filters.self_align:SelfAlignFilter",
 }
 
 
