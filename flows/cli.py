@@ -105,7 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if any(_needs_chat_model(spec.name) for spec in recipe.enabled_steps()) and not isinstance(recipe.model, dict):
         preflight_model(recipe.model)
     started = time.perf_counter()
-    result = run_recipe(recipe, workers=args.workers, out=out)
+    with storage.RunLock(out):  # before Prefect or a model starts: a second run on `out` stops at once
+        result = run_recipe(recipe, workers=args.workers, out=out, lock=False)
     wall = time.perf_counter() - started
     print_result(recipe.name, result, wall)
     return 0

@@ -479,7 +479,8 @@ def run_steps(recipe: Any, run_url: str, *, engine: Any, workers: int) -> list[t
     return stages
 
 
-def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, out: str | None = None) -> dict:
+def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, out: str | None = None,
+               lock: bool = True) -> dict:
     """Run a recipe as one Prefect flow and publish its dataset. Returns the run summary.
 
     `engine`: an engines.base.Engine to use instead of starting one on `recipe.model` (tests); the
@@ -493,13 +494,16 @@ def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, o
     @flow(name=recipe.name, task_runner=ThreadPoolTaskRunner(max_workers=workers), log_prints=False,
           validate_parameters=False)
     def alignforge_run() -> dict:
-        return execute(recipe, run_url, engine=engine, workers=workers)
+        return execute(recipe, run_url, engine=engine, workers=workers, lock=lock)
 
     return alignforge_run()
 
 
-def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1) -> dict:
-    """The body of a run (usable inside any flow): steps, then publish."""
+def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1, lock: bool = True) -> dict:
+    """The body of a run (usable inside any flow): steps, then publish. `lock=False`: the caller
+    already holds the run folder's lock (the CLI takes it before Prefect starts)."""
+    import contextlib
+
     import storage
     from engines.lifetime import LazyEngine, release_all
     from flows.publishing import publish_run
@@ -509,7 +513,8 @@ def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1) 
     storage.check_publish_target(f"{run_url}/publish")  # a foreign folder in the way: refuse before any work
     owned = engine is None
     chat = LazyEngine(recipe.model) if owned else engine
-    with storage.RunLock(run_url):  # one run per folder: a second one stops here with the holder's pid
+    # One run per folder: a second one stops here with the holder's pid.
+    with storage.RunLock(run_url) if lock else contextlib.nullcontext():
         try:
             stages = run_steps(recipe, run_url, engine=chat, workers=workers)
         finally:
