@@ -125,3 +125,28 @@ def test_editing_an_input_row_republishes_the_new_text(tmp_path):
     published = pl.read_parquet(out / "publish" / "data" / "*.parquet").sort("id")
     answers = [m[1]["content"] for m in published["messages"].to_list()]
     assert "An edited answer." in answers and "Original answer 2." not in answers
+
+
+def test_engine_fingerprint_covers_the_model_files(tmp_path):
+    """Issue 16 kind 5: editing the chat template of a --set model= folder changes every engine
+    step's fingerprint (so generation recomputes); an untouched folder keeps it."""
+    import shutil
+
+    from engines.embedded import resolve_model
+    from engines.lifetime import LazyEngine
+    from flows.runner import engine_id
+    from stages.magpie import MagpieResponses
+
+    source = Path(resolve_model(None))
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in source.iterdir():
+        if f.is_file():
+            (model / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, model / f.name)
+    step = MagpieResponses()
+    before = step.fingerprint("input-fp", engine_id=engine_id(LazyEngine(str(model))))
+    assert step.fingerprint("input-fp", engine_id=engine_id(LazyEngine(str(model)))) == before
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (config.get("chat_template") or "") + "{# edited #}"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert step.fingerprint("input-fp", engine_id=engine_id(LazyEngine(str(model)))) != before
