@@ -53,6 +53,17 @@ def configure_environment(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "CRITICAL")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")  # vLLM sets up its logger, at our level
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        # vLLM's import-time notices (Triton backend) reach the root handler before vLLM sets up its
+        # logger; torch's C++ NUMA notice and library FutureWarnings go straight to stderr: quiet all three,
+        # in engine worker processes too (they inherit the environment).
+        import logging
+
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
