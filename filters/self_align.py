@@ -2,22 +2,22 @@
 
 Follows IBM/Dromedary's merge-and-filter scripts (branch dromedary_v1); every drop has a reason.
 
-Principled rows (`subset` "default", from `principled_answers`), in this order:
+Principled rows (`subset` "default", from `principled_answers`), rules in order (drop reason):
 
-| rule                                                                 | drop reason            |
-|----------------------------------------------------------------------|------------------------|
-| output starts with the fixed self-identification thought             | no_self_identification |
-| it contains the answer marker ("<name>:") after the thoughts         | no_answer_marker       |
-| thoughts stripped; cut at the next user marker; then cut at the first |                        |
-| repeated sentence piece of 3+ words (the reference's `dedup`)         |                        |
-| ended by itself (user marker / end of sequence): >= 160 chars         | answer_too_short       |
-| ran out of tokens: cut at the last space (no minimum)                 | empty_answer           |
-| no text from the prompt: markers, exemplar names / number runs and    | exemplar_leak          |
-| any 8-word run of an exemplar answer or a rule (DERIVED from the      |                        |
-| configured prompt, see `Blacklist`)                                   |                        |
-| does not start with an apology                                        | apology                |
+1. the output starts with the fixed self-identification thought (no_self_identification) and has
+   the answer marker "<name>:" after the thoughts (no_answer_marker);
+2. the thoughts are stripped; the answer ends at the next turn (a user marker, or a new thought /
+   answer marker of the model) and before its first repeated sentence piece of 3+ words (the
+   reference's `dedup`);
+3. an answer that ended by itself (next turn or end of sequence) needs >= 160 chars
+   (answer_too_short); one that ran out of tokens is cut at the last space, no minimum
+   (empty_answer if nothing is left);
+4. it holds nothing of the prompt (exemplar_leak): the `Blacklist` DERIVED from the configured
+   prompt: markers, exemplar names and number runs, rule citations "N (name)", and any 8-word run
+   of an exemplar answer or a rule;
+5. it does not start with an apology (apology).
 
-Verbose rows (`subset` "verbose", from `verbose_answers`): cut at the next user marker, at the
+Verbose rows (`subset` "verbose", from `verbose_answers`): cut at the next turn marker, at the
 first repeated piece, and at list item 13 ("\\n13. "); ran out of tokens -> cut at the last space;
 < 128 chars -> verbose_too_short; markers / prompt copies -> verbose_prompt_leak.
 
@@ -58,11 +58,13 @@ class Blacklist:
     - names (case-sensitive whole words): proper names in the exemplar queries (capitalised words
       not opening a sentence, possessive "'s" dropped), e.g. the person or event an exemplar asks about;
     - number runs: the first three numbers of any list of 3+ numbers in an exemplar query;
+    - rule citations: "N (name)" naming one of the configured rules (thoughts leaking into the answer);
     - ngrams: every `n`-word run (lower case) of the exemplar answers and the rule texts."""
 
     markers: tuple[str, ...]
     names: tuple[str, ...]
     number_runs: tuple[str, ...]
+    rule_names: frozenset[str]
     ngrams: frozenset[tuple[str, ...]]
     n: int
 
@@ -80,7 +82,7 @@ class Blacklist:
         sources = [ex.answer for ex in prompt.exemplars] + [prompt.fill(p.text) for p in prompt.principles]
         grams = frozenset(g for text in sources for g in word_ngrams(text, n))
         return cls(tuple(dict.fromkeys(m for m in markers if m)), tuple(dict.fromkeys(names)),
-                   tuple(dict.fromkeys(runs)), grams, n)
+                   tuple(dict.fromkeys(runs)), frozenset(p.name.lower() for p in prompt.principles), grams, n)
 
     def find(self, text: str, *, names: bool = True) -> str | None:
         """The first blacklist entry found in `text` (None: clean). `names=False` skips names and number
@@ -96,6 +98,9 @@ class Blacklist:
             for run in self.number_runs:
                 if re.search(r"(?<!\d)" + r"\s*,\s*".join(re.escape(x) for x in run.split(", ")) + r"(?!\d)", text):
                     return run
+        for num, name in cited_rules(text):
+            if name.lower() in self.rule_names:
+                return f"{num} ({name})"
         for gram in word_ngrams(text, self.n):
             if gram in self.ngrams:
                 return " ".join(gram)
@@ -143,9 +148,10 @@ def cut_repeats(text: str, delimiters: str = _REPEAT_DELIMITERS, min_words: int 
     return text.strip(), False
 
 
-def _cut_at(text: str, marker: str) -> tuple[str, bool]:
-    """Text before the first line starting with `marker`."""
-    match = re.search(rf"(?:^|\n)[ \t]*{re.escape(marker)}", text)
+def _cut_at(text: str, *markers: str) -> tuple[str, bool]:
+    """Text before the first line starting with one of `markers` (the next turn)."""
+    alternatives = "|".join(re.escape(m) for m in markers)
+    match = re.search(rf"(?:^|\n)[ \t]*(?:{alternatives})", text)
     return (text[:match.start()], True) if match else (text, False)
 
 
@@ -180,7 +186,8 @@ def check_principled(raw: str, finish_reason: str | None, prompt: SelfAlignPromp
     cites = cited_rules(text[:marker.start()])
     consistent = sum(1 for num, name in cites if 1 <= num <= len(names) and names[num - 1] == name.lower())
     verdict = Verdict(None, None, cited=len(cites), consistent=consistent)
-    answer, ended = _cut_at(text[marker.end():], prompt.user_marker)
+    # The answer ends where the next turn starts: the user's, or a new thought / answer of the model's.
+    answer, ended = _cut_at(text[marker.end():], prompt.user_marker, prompt.thoughts_marker, prompt.answer_marker)
     ended = ended or finish_reason != "length"
     if repeats:
         answer, verdict.repeat_cut = cut_repeats(answer)
@@ -202,7 +209,7 @@ def check_principled(raw: str, finish_reason: str | None, prompt: SelfAlignPromp
 def check_verbose(raw: str, finish_reason: str | None, prompt: SelfAlignPrompt, blacklist: Blacklist, *,
                   min_chars: int = 128, list_cut: int | None = 13, repeats: bool = True) -> Verdict:
     """One verbose completion (the text after "### <name> (extensive)") -> Verdict."""
-    answer, ended = _cut_at(raw, prompt.verbose_user_marker)
+    answer, ended = _cut_at(raw, prompt.verbose_user_marker, prompt.verbose_marker)
     ended = ended or finish_reason != "length"
     verdict = Verdict(None, None)
     if repeats:

@@ -55,6 +55,19 @@ def test_cut_at_next_user_marker_then_160_chars():
     assert v.reason == "answer_too_short"
 
 
+@pytest.mark.parametrize("next_turn", [f"\n\n{P.answer_marker} Another answer.", f"\n\n{P.thoughts_marker} Hmm.",
+                                       f"\n{P.user_marker} next"])
+def test_answer_ends_at_the_next_turn_of_either_side(next_turn):
+    v = principled(raw(sentences(6) + next_turn), finish="length")
+    assert v.reason is None and v.answer == sentences(6) and not v.budget_cut  # the turn ended it
+
+
+def test_rule_citations_in_the_answer_are_thoughts_leaking():
+    v = principled(raw(sentences(6) + " I should follow rules 2 (informative), 3 (helpful)."))
+    assert v.reason == "exemplar_leak" and v.leak == "2 (informative)"
+    assert principled(raw(sentences(6) + " See step 2 (below) and table 3 (right).")).reason is None
+
+
 def test_an_answer_that_ended_by_itself_needs_160_chars_too():
     assert principled(raw("Short but complete."), finish="stop").reason == "answer_too_short"
 
@@ -149,6 +162,11 @@ def test_verbose_cut_at_next_user_header_and_markers():
         "verbose_prompt_leak"
     # names of the principled exemplars are not checked in verbose answers
     assert check_verbose(sentences(6) + " Przewalski horses are wild.", "stop", P, BL).reason is None
+
+
+def test_verbose_ends_at_a_new_turn_of_the_persona():
+    v = check_verbose(sentences(6) + f"\n\n{P.verbose_marker}\nMore.", "length", P, BL)
+    assert v.reason is None and v.answer == sentences(6)
 
 
 def test_verbose_budget_cut():
