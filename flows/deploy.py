@@ -21,5 +21,5 @@ def recipe_flow(recipe: str, params: dict[str, Any] | None = None, out: str | No
     from flows.runner import execute
 
     loaded = load_recipe(recipe, sets=params or {}, out=out)
-    run_url = (loaded.out or f"runs/{loaded.name}").rstrip("/")
+    run_url = loaded.out if loaded.out is not None else f"runs/{loaded.name}"
     return execute(loaded, run_url, workers=int(workers or os.cpu_count() or 1))

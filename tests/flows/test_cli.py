@@ -80,7 +80,7 @@ def test_unwritable_out(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, err = run_cli(capsys, "run", "magpie-sft", "--out", str(blocker / "run"))
-    assert_one_line_error(code, err, "--out", "can't write there")
+    assert_one_line_error(code, err, "output folder", "is a file", "another --out")
 
 
 def test_corrupt_model_folder(tmp_path, capsys):
@@ -110,3 +110,24 @@ def test_model_without_chat_template(tmp_path, capsys):
 def test_inspect_missing_folder(tmp_path, capsys):
     code, _, err = run_cli(capsys, "inspect", str(tmp_path / "nope"))
     assert_one_line_error(code, err, "does not exist")
+
+
+@pytest.mark.parametrize("out", ["", "/"])
+def test_empty_or_root_out_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "run", "curate", "--set", "input=x.jsonl", "--out", out)
+    assert_one_line_error(code, err, "output folder")
+    assert list(tmp_path.iterdir()) == [] and not Path("/stages").exists() and not Path("/publish").exists()
+
+
+def test_foreign_files_in_publish_are_never_deleted(tmp_path, capsys):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"instruction": "Name a prime number.", "response": "Seven."}) + "\n")
+    publish = tmp_path / "myproject" / "publish"
+    publish.mkdir(parents=True)
+    (publish / "thesis.docx").write_bytes(b"my thesis")
+    (publish / "README.md").write_text("mine")
+    code, _, err = run_cli(capsys, "run", "curate", "--set", f"input={data}", "--out", str(tmp_path / "myproject"))
+    assert_one_line_error(code, err, "publish", "thesis.docx")
+    assert (publish / "thesis.docx").read_bytes() == b"my thesis" and (publish / "README.md").read_text() == "mine"
+    assert not (tmp_path / "myproject" / "stages").exists()  # refused before anything was written
