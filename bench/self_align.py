@@ -6,10 +6,12 @@ then, on the same engine:
 
 - kept share of the answer filter vs the paper's 70.6% (71.6% Self-Instruct, 67.8% TGRT), and
   thought consistency (share of cited rule numbers whose name matches the configured rule);
-- verbose cloning, with and without the trigram / 4-gram penalties (1.0 / 2.0): mean verbose /
-  plain answer length over the questions where both were kept, with a 95% bootstrap CI (questions
-  resampled), and distinct-2 (unique / total word bigrams, averaged over answers) of the plain
-  answers and of each verbose variant (target: CI above 1, distinct-2 drop <= 0.1 with the penalty);
+- verbose cloning, with and without the trigram / 4-gram penalties (1.0 / 2.0), generated for every
+  question whose plain answer parsed (so the effect has enough pairs on a small model): mean verbose
+  / plain answer length (cleaned texts) with a 95% bootstrap CI (questions resampled), also over
+  the pairs where both answers were kept (what is published), and distinct-2 (unique / total word
+  bigrams, averaged over answers) of the plain answers and of each verbose variant (target: CI
+  above 1, distinct-2 drop <= 0.1 with the penalty);
 - the answer step vs a bare `vllm.LLM.generate` over the same prompts and sampling parameters
   (target: >= 0.95 of bare tokens/s), rounds in alternating order, median tokens/s.
 
@@ -102,19 +104,26 @@ def main() -> None:
     plain_stats = SelfAlignFilter.summarise(answer_filter.stats)
     drops = filtered.filter(~pl.col("keep"))["drop_reason"].value_counts(sort=True).rows()
 
+    # Verbose cloning is generated for every question whose plain answer parsed (thoughts + answer
+    # marker), not only the kept ones, so the length and diversity effects have enough pairs; the
+    # dataset's own numbers (both answers kept) are reported beside them.
+    unparsed = ("no_self_identification", "no_answer_marker", "prompt_too_long")
+    parsed = filtered.filter(pl.col("self_align_raw").is_not_null()
+                             & ~pl.col("drop_reason").fill_null("").is_in(unparsed))
+    plain_all = assistant_text(parsed.select(pl.col("id").alias("question"), "messages"))
+    plain_kept = set(parsed.filter(pl.col("keep"))["id"].to_list())
     variants: dict[str, dict] = {}
     for label, penalties in (("verbose, n-gram penalty 3:1.0 4:2.0", ((3, 1.0), (4, 2.0))),
                              ("verbose, no penalty", ())):
         verbose_filter = SelfAlignFilter()
-        out = verbose_filter(timed(label, VerboseAnswers(engine=engine, ngram_penalties=penalties), filtered))
-        kept = out.filter(pl.col("keep"))
+        generated = timed(label, VerboseAnswers(engine=engine, ngram_penalties=penalties),
+                          parsed.with_columns(pl.lit(True).alias("keep"), pl.lit(None, dtype=pl.Utf8).alias("drop_reason")))
+        verbose = verbose_filter(generated).filter(pl.col("subset") == "verbose")
         variants[label] = {
-            "plain": assistant_text(kept.filter(pl.col("subset") == "default").select(
-                pl.col("id").alias("question"), "messages")),
-            "verbose": assistant_text(kept.filter(pl.col("subset") == "verbose").select(
-                pl.col("parent_id").alias("question"), "messages")),
+            "all": assistant_text(verbose.select(pl.col("parent_id").alias("question"), "messages")),
+            "kept": assistant_text(verbose.filter(pl.col("keep") & pl.col("parent_id").is_in(list(plain_kept)))
+                                   .select(pl.col("parent_id").alias("question"), "messages")),
             "stats": SelfAlignFilter.summarise(verbose_filter.stats),
-            "tokens": int(out.filter(pl.col("subset") == "verbose")["gen_tokens"].sum()),
         }
 
     # ---------------------------------------------------------------- throughput: step vs bare vLLM
@@ -167,23 +176,29 @@ def main() -> None:
         f"| (a warning sign when low) |",
         f"| mean plain answer length | {plain_stats['mean_answer_chars'] or 0:.0f} chars | |",
     ]
-    plain_texts = next(iter(variants.values()))["plain"]
-    d2_plain = mean_distinct_2(list(plain_texts.values()))
-    lines.append(f"| distinct-2, plain answers | {d2_plain:.3f} | |")
+    d2_plain = mean_distinct_2(list(plain_all.values()))
+    lines.append(f"| distinct-2, plain answers ({len(plain_all)} parsed) | {d2_plain:.3f} | |")
+
+    def ratio_cell(verbose: dict[str, str]) -> str:
+        pairs = [(len(plain_all[q]), len(text)) for q, text in verbose.items() if q in plain_all and plain_all[q]]
+        if len(pairs) < 2:
+            return f"n/a ({len(pairs)} pairs)"
+        mid, lo, hi = length_ratio_ci(pairs)
+        return f"x{mid:.2f} [95% CI {lo:.2f}-{hi:.2f}], {len(pairs)} pairs"
+
     for label, v in variants.items():
-        pairs = [(len(v["plain"][q]), len(text)) for q, text in v["verbose"].items() if q in v["plain"]]
-        d2 = mean_distinct_2(list(v["verbose"].values()))
-        ratio = "n/a (no kept pair)"
-        if len(pairs) >= 2:
-            mid, lo, hi = length_ratio_ci(pairs)
-            ratio = f"x{mid:.2f} [95% CI {lo:.2f}-{hi:.2f}], {len(pairs)} pairs"
-        lines += [f"| {label}: verbose / plain mean length | {ratio} | CI > 1 |",
+        d2 = mean_distinct_2(list(v["all"].values()))
+        lines += [f"| {label}: verbose / plain mean length, all parsed questions | {ratio_cell(v['all'])} | CI > 1 |",
+                  f"| {label}: same, both answers kept (the published pairs) | {ratio_cell(v['kept'])} | |",
                   f"| {label}: distinct-2 (drop vs plain) | {d2:.3f} ({d2_plain - d2:+.3f}) | drop <= 0.1 |",
-                  f"| {label}: verbose rows kept | {pct(v['stats']['verbose_kept_share'])} | |"]
+                  f"| {label}: verbose rows kept by the filter | {pct(v['stats']['verbose_kept_share'])} | |"]
     base = tps["bare vllm.LLM.generate"]
     lines += [f"| answer step tokens/s vs bare vLLM (same prompts) | {tps['principled_answers step']:.1f} vs "
               f"{base:.1f} = {tps['principled_answers step'] / base:.2f} | >= 0.95 |", "",
-              "Drops of the answer filter: " + (", ".join(f"{r} {c}" for r, c in drops) or "none") + ".",
+              "Drops by reason, all steps up to the answer filter: " + (", ".join(f"{r} {c}" for r, c in drops) or "none") + ".",
+              "Most frequent leaks (blacklist entry found): " + (", ".join(
+                  f"{e!r} {c}" for e, c in filtered["self_align_leak"].drop_nulls().value_counts(sort=True).head(6)
+                  .rows()) or "none") + ".",
               "Throughput rounds (s): " + "; ".join(f"{n}: {', '.join(f'{t:.1f}' for t in ts)}"
                                                     for n, ts in seconds.items())
               + f"; generated tokens per round: " + ", ".join(f"{n} {t}" for n, t in tokens.items()) + "."]
