@@ -47,6 +47,11 @@ class SchemaError(AlignforgeError, ValueError):
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """Deterministic hex digest of JSON-serialisable parts (same input -> same id on any machine)."""
     payload = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+    return digest_text(payload, length)
+
+
+def digest_text(payload: str, length: int = 16) -> str:
+    """stable_hash's digest of its JSON text (for callers that write that text themselves)."""
     # surrogatepass: a lone surrogate (e.g. from a "\\ud83d" JSON escape) hashes instead of raising;
     # it changes nothing for valid text.
     return hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=length // 2 if length <= 128 else 64).hexdigest()

@@ -202,10 +202,11 @@ class _Ctx:
 
 def load_rows(source: Any, mapping: dict[str, str] | None = None, kind: str = "sft", *,
               dataset: str | None = None, roles: dict[str, str] | None = None,
-              origin: str = ORIGIN) -> pl.DataFrame:
+              origin: str = ORIGIN, columnar: bool = True) -> pl.DataFrame:
     """Read `source` (path / fsspec URL / folder / DataFrame / list of dicts) as rows of `kind`.
 
     See the module docstring for the accepted layouts and how bad input is handled.
+    `columnar=False` runs every row through the row importer (the columnar path must match it).
     """
     schema_of(kind)  # unknown kind -> clear error
     name = dataset or (str(source) if isinstance(source, (str, os.PathLike)) else "<dataframe>")
@@ -214,42 +215,22 @@ def load_rows(source: Any, mapping: dict[str, str] | None = None, kind: str = "s
         raise SchemaError(f"roles= maps to unknown roles: {wrong}", dataset=name,
                           fix=f"map each of your roles to one of {list(ROLES)}")
     read = _read_source(source, name)
-    if not read.rows and not read.columns:
+    if read.empty:
         raise SchemaError(f"no rows: {name} is empty", dataset=name,
                           fix="give a file with at least one row (JSON lines: one object per line)")
-    rows, columns, names = _apply_mapping(read.rows, read.columns, mapping, name, kind)
+    columns, names = _mapped_columns(read.columns, mapping, name)
     layout, consumed = _detect_layout(columns, kind, name, mapping)
     user_roles = {k.lower() for k in (roles or {})}
     ctx = _Ctx(kind, layout, {**ROLE_ALIASES, **{k.lower(): v for k, v in (roles or {}).items()}},
                user_roles, names)
+    if columnar and read.frame is not None and not roles:
+        from schemas.columnar import import_frame
 
-    built: list[dict[str, Any]] = []
-    for index, raw in enumerate(rows):
-        bad_utf8 = read.check_utf8 and _has_surrogate(raw)
-        row = _sanitize(raw) if bad_utf8 else raw
-        if bad_utf8:
-            rows[index] = row  # extras and ids see the escaped text, never the raw surrogate
-        ctx.extras = {}
-        try:
-            values, reason = _build_row(row, ctx), None
-        except _Quarantine as q:
-            values, reason = {**_partial(kind), **q.values}, q.reason
-        except SchemaError as e:
-            if not bad_utf8:
-                raise SchemaError(e.message, dataset=name, column=e.column, row=index, fix=e.fix) from None
-            values, reason = _partial(kind), None
-        if bad_utf8:
-            reason = "invalid_utf8"
-        carried = row.get(MESSAGE_EXTRAS)  # re-importing our own output keeps them
-        values[MESSAGE_EXTRAS] = (json.dumps(ctx.extras, ensure_ascii=False, default=str) if ctx.extras
-                                  else carried if isinstance(carried, str) else None)
-        if reason is not None:
-            values["keep"], values["drop_reason"] = False, f"import:{reason}"
-        elif row.get("keep") is False:  # quarantined upstream: stays so, with its reason
-            values["keep"], values["drop_reason"] = False, row.get("drop_reason") or "unknown"
-        else:
-            values["keep"], values["drop_reason"] = True, None
-        built.append(values)
+        df = import_frame(read.frame, mapping, columns, consumed, ctx, name, origin)
+        if df is not None:
+            return df
+    rows = _map_rows(read.rows, mapping)
+    built = [_import_row(index, raw, rows, ctx, read.check_utf8, name) for index, raw in enumerate(rows)]
 
     extras = [c for c in columns if c not in consumed and c not in _LINEAGE_COLUMNS
               and c not in schema_of(kind) and c not in KEEP and c != MESSAGE_EXTRAS]
@@ -262,6 +243,35 @@ def load_rows(source: Any, mapping: dict[str, str] | None = None, kind: str = "s
     return validate(df, kind, dataset=name)
 
 
+def _import_row(index: int, raw: dict, rows: list[dict], ctx: _Ctx, check_utf8: bool, name: str) -> dict[str, Any]:
+    """One row through the row importer: its content columns, message_extras, keep, drop_reason."""
+    bad_utf8 = check_utf8 and _has_surrogate(raw)
+    row = _sanitize(raw) if bad_utf8 else raw
+    if bad_utf8:
+        rows[index] = row  # extras and ids see the escaped text, never the raw surrogate
+    ctx.extras = {}
+    try:
+        values, reason = _build_row(row, ctx), None
+    except _Quarantine as q:
+        values, reason = {**_partial(ctx.kind), **q.values}, q.reason
+    except SchemaError as e:
+        if not bad_utf8:
+            raise SchemaError(e.message, dataset=name, column=e.column, row=index, fix=e.fix) from None
+        values, reason = _partial(ctx.kind), None
+    if bad_utf8:
+        reason = "invalid_utf8"
+    carried = row.get(MESSAGE_EXTRAS)  # re-importing our own output keeps them
+    values[MESSAGE_EXTRAS] = (json.dumps(ctx.extras, ensure_ascii=False, default=str) if ctx.extras
+                              else carried if isinstance(carried, str) else None)
+    if reason is not None:
+        values["keep"], values["drop_reason"] = False, f"import:{reason}"
+    elif row.get("keep") is False:  # quarantined upstream: stays so, with its reason
+        values["keep"], values["drop_reason"] = False, row.get("drop_reason") or "unknown"
+    else:
+        values["keep"], values["drop_reason"] = True, None
+    return values
+
+
 # ------------------------------------------------------------------------------------- reading
 
 def read_records(source: Any, *, dataset: str | None = None) -> tuple[list[dict], list[str]]:
@@ -269,7 +279,7 @@ def read_records(source: Any, *, dataset: str | None = None) -> tuple[list[dict]
     (UTF-8, JSON syntax, rows are objects, not empty); pass the rows on to load_rows."""
     name = dataset or (str(source) if isinstance(source, (str, os.PathLike)) else "<dataframe>")
     read = _read_source(source, name)
-    if not read.rows and not read.columns:
+    if read.empty:
         raise SchemaError(f"no rows: {name} is empty", dataset=name,
                           fix="give a file with at least one row (JSON lines: one object per line)")
     return read.rows, read.columns
@@ -281,19 +291,31 @@ def kind_of(columns: Iterable[str], kinds: Iterable[str] = ("preference", "candi
     return next((k for k in kinds if any(present.issuperset(n) for _, n in _LAYOUTS[k])), None)
 
 
-@dataclass
 class _Read:
-    rows: list[dict]
-    columns: list[str]
-    frame: pl.DataFrame | None = None  # the one polars frame the rows came from (extras read from it)
-    check_utf8: bool = True  # rows may hold lone surrogates (never true of polars strings)
+    """What was read: a polars frame (rows built from it only when the row importer needs them),
+    or rows parsed from JSON."""
+
+    def __init__(self, rows: list[dict] | None, columns: list[str], frame: pl.DataFrame | None = None,
+                 check_utf8: bool = True):
+        self._rows, self.columns, self.frame = rows, columns, frame
+        self.check_utf8 = check_utf8  # rows may hold lone surrogates (never true of polars strings)
+
+    @property
+    def rows(self) -> list[dict]:
+        if self._rows is None:
+            self._rows = self.frame.to_dicts()
+        return self._rows
+
+    @property
+    def empty(self) -> bool:
+        return not self.columns and (self.frame.height == 0 if self.frame is not None else not self._rows)
 
 
 def _read_source(source: Any, name: str) -> _Read:
     if isinstance(source, pl.LazyFrame):
         source = source.collect()
     if isinstance(source, pl.DataFrame):
-        return _Read(source.to_dicts(), list(source.columns), source, False)
+        return _Read(None, list(source.columns), source, False)
     if isinstance(source, list):
         columns: dict[str, None] = {}
         for index, row in enumerate(source):
@@ -304,7 +326,7 @@ def _read_source(source: Any, name: str) -> _Read:
         return _Read(list(source), list(columns))
     if hasattr(source, "to_dict") and hasattr(source, "columns"):  # pandas
         frame = pl.from_pandas(source)
-        return _Read(frame.to_dicts(), list(frame.columns), frame, False)
+        return _Read(None, list(frame.columns), frame, False)
     if not isinstance(source, (str, os.PathLike)):
         raise SchemaError(f"cannot read rows from a {type(source).__name__}", dataset=name,
                           fix="pass a path / fsspec URL, a polars DataFrame or a list of dicts")
@@ -329,7 +351,7 @@ def _read_source(source: Any, name: str) -> _Read:
                                   "pl.read_csv(path).write_parquet('data.parquet')")
     if len(files) == 1 and files[0].endswith(".parquet"):
         frame = _read_parquet(fs, files[0], url if "://" in url or len(files) == 1 else files[0])
-        return _Read(frame.to_dicts(), list(frame.columns), frame, False)
+        return _Read(None, list(frame.columns), frame, False)
     rows: list[dict] = []
     columns: dict[str, None] = {}
     check_utf8 = False
@@ -462,15 +484,22 @@ def _sanitize(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------- mapping
 
-def _apply_mapping(rows, columns, mapping, name, kind):
+def _mapped_columns(columns: list[str], mapping, name: str) -> tuple[list[str], dict[str, str]]:
+    """(our column names in order, {ours: theirs}) after `mapping`; unknown source columns are an error."""
     if not mapping:
-        return rows, columns, {}
+        return columns, {}
     missing = {ours: theirs for ours, theirs in mapping.items() if theirs not in columns}
     if missing:
         raise SchemaError(f"mapping names columns that are not in the data: {missing}; found columns {columns}",
                           dataset=name, fix="map our column names to columns that exist: mapping={our: their}")
     renamed_from = set(mapping.values())
-    out_columns = list(mapping) + [c for c in columns if c not in renamed_from and c not in mapping]
+    return list(mapping) + [c for c in columns if c not in renamed_from and c not in mapping], dict(mapping)
+
+
+def _map_rows(rows: list[dict], mapping) -> list[dict]:
+    if not mapping:
+        return rows
+    renamed_from = set(mapping.values())
     out_rows = []
     for row in rows:
         new = {ours: row.get(theirs) for ours, theirs in mapping.items()}
@@ -478,7 +507,7 @@ def _apply_mapping(rows, columns, mapping, name, kind):
             if column not in renamed_from and column not in new:
                 new[column] = value
         out_rows.append(new)
-    return out_rows, out_columns, dict(mapping)
+    return out_rows
 
 
 def _detect_layout(columns: list[str], kind: str, name: str, mapping) -> tuple[str, set[str]]:
