@@ -36,7 +36,7 @@ from pydantic import Field
 from alignforge.step import Step, StepConfig
 
 from .text import EMPTY_TEXT, INVALID_UTF8, conversation_expr, instruction_expr, mark_drops, message_texts, \
-    response_expr, row_text, unusable_text_reason
+    message_texts_expr, response_expr, row_text, unusable_text_reason
 
 TEMPLATE_TOKENS = (
     "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -168,6 +168,68 @@ def worst_message(messages: list[str], measure) -> Fraction:
     return Fraction(best_part, best_whole)
 
 
+# A stripped line made only of these is structural (is_structural_line's first test).
+_PUNCTUATION_LINE = r"^[!-/:-@\[-`{-~ \t\r\n\x0b\x0c]*$"
+# Characters where polars' "\n" split / strip_chars / " " split differ from Python's splitlines /
+# strip / split: such messages are always counted in Python.
+_ODD_LINES = r"[\r\x0b\x0c\x1c-\x1f\x85\u2028\u2029]"
+_ODD_WORDS = r"[\x1c-\x1f]|[^\S \n]"
+_MIX = 0x9E3779B97F4A7C15  # spreads message numbers over 64 bits before they are xor-ed into keys
+
+
+def repeat_candidates(df: pl.DataFrame, n: int) -> tuple[pl.Series, pl.Series]:
+    """Per row: may a message repeat a content line / a word n-gram? False is exact (no repeat);
+    True only means "count it". Found with polars and numpy over all messages of the shard at once:
+    a (message, line) or (message, n-gram) hash key seen twice. Hash collisions only add rows."""
+    import numpy as np
+
+    rows = df.select(message_texts_expr(df).alias("m")).with_row_index("row").explode("m") \
+        .with_columns(pl.col("m").fill_null("")).with_row_index("msg")
+    lines = rows.select("msg", pl.col("m").str.split("\n").alias("line")).explode("line") \
+        .select("msg", pl.col("line").str.strip_chars()).filter(~pl.col("line").str.contains(_PUNCTUATION_LINE))
+    line_msgs = _repeated(lines["msg"].to_numpy(), lines["line"].hash().to_numpy())
+    words = rows.select("msg", pl.col("m").str.replace_all("\n", " ", literal=True).str.split(" ").alias("w")) \
+        .explode("w").filter(pl.col("w") != "")
+    msg, word = words["msg"].to_numpy(), words["w"].hash().to_numpy()
+    span = len(word) - n + 1
+    ngram_msgs = msg[:0]
+    if span > 0:
+        gram = word[:span].copy()
+        for k in range(1, n):
+            gram = gram * np.uint64(1_000_003) ^ word[k:k + span]  # wraps mod 2^64, as intended
+        inside = msg[:span] == msg[n - 1:]  # n-grams within one message only
+        ngram_msgs = _repeated(msg[:span][inside], gram[inside])
+    flags = rows.select(
+        "row",
+        (pl.col("msg").is_in(pl.Series(line_msgs).implode()) | pl.col("m").str.contains(_ODD_LINES)).alias("lines"),
+        (pl.col("msg").is_in(pl.Series(ngram_msgs).implode()) | pl.col("m").str.contains(_ODD_WORDS)).alias("ngrams"),
+    ).group_by("row").agg(pl.col("lines").any(), pl.col("ngrams").any()).sort("row")
+    return flags["lines"], flags["ngrams"]
+
+
+def _repeated(owner, key):
+    """The owners (message numbers) holding some key twice: one sort of (owner, key) packed into
+    64 bits (the key loses its low bits: a collision only adds a message)."""
+    import numpy as np
+
+    if not len(owner):
+        return owner
+    bits = max(1, int(owner.max()).bit_length())
+    packed = (owner.astype(np.uint64) << np.uint64(64 - bits)) | (key >> np.uint64(bits))
+    packed = np.sort(packed.view(np.int64))  # any total order puts equal words side by side
+    return np.unique(packed[1:][packed[1:] == packed[:-1]].view(np.uint64) >> np.uint64(64 - bits))
+
+
+def _ratios(df: pl.DataFrame, maybe: pl.Series, measure, bound: Fraction | None) -> tuple[pl.Series, pl.Series]:
+    """(ratio, ratio > bound) per row: worst_message over the rows flagged in `maybe`, 0 elsewhere."""
+    ratio, over = [0.0] * df.height, [False] * df.height
+    flagged = maybe.arg_true().to_list()
+    for i, texts in zip(flagged, message_texts(df[flagged]) if flagged else ()):
+        exact = worst_message(texts, measure)
+        ratio[i], over[i] = float(exact), bound is not None and exact > bound
+    return pl.Series(ratio, dtype=pl.Float64), pl.Series(over, dtype=pl.Boolean)
+
+
 class _Language:
     def __init__(self, allowed: tuple[str, ...], candidates: tuple[str, ...] | None):
         try:
@@ -215,7 +277,7 @@ class Heuristics(Step):
             "heur_instruction_chars": instruction.str.len_chars(),
             "heur_instruction_colon": instruction.str.strip_chars_end().str.ends_with(":"),
         }
-        words_of = lambda s: s.str.extract_all(r"\S+").list.len()  # noqa: E731
+        words_of = lambda s: s.str.count_matches(r"\S+")  # noqa: E731
         scores["heur_instruction_words"] = words_of(instruction)
         if response is not None:
             scores["heur_response_chars"] = response.str.len_chars()
@@ -225,12 +287,13 @@ class Heuristics(Step):
             found = convo.fill_null("").str.extract_many(list(cfg.template_tokens), overlapping=False)
             leak = found.list.first()
         scores["heur_template_leak"] = leak
-        per_message = message_texts(df)
-        # Fast paths give (0, 1) where the count is 0; worst_message ignores zero counts.
-        line_ratio = [worst_message(m, _line_repeats) for m in per_message]
-        ngram_ratio = [worst_message(m, lambda t: _ngram_repeats(t, cfg.ngram)) for m in per_message]
-        scores["heur_repeated_line_ratio"] = pl.Series([float(r) for r in line_ratio], dtype=pl.Float64)
-        scores["heur_repeated_ngram_ratio"] = pl.Series([float(r) for r in ngram_ratio], dtype=pl.Float64)
+        # Exact counts in Python only for rows whose messages may repeat a line / an n-gram; the
+        # rest score 0 (worst_message ignores zero counts, so the fast paths give (0, 1)).
+        maybe_lines, maybe_ngrams = repeat_candidates(df, cfg.ngram)
+        bounds = [None if b is None else exact_bound(b) for b in (cfg.max_repeated_line_ratio, cfg.max_repeated_ngram_ratio)]
+        scores["heur_repeated_line_ratio"], too_many_lines = _ratios(df, maybe_lines, _line_repeats, bounds[0])
+        scores["heur_repeated_ngram_ratio"], too_many_ngrams = _ratios(
+            df, maybe_ngrams, lambda t: _ngram_repeats(t, cfg.ngram), bounds[1])
         if cfg.languages:
             if self._language is None:
                 self._language = _Language(cfg.languages, cfg.candidate_languages)
@@ -262,11 +325,9 @@ class Heuristics(Step):
         checks.append((pl.col("heur_template_leak").is_not_null(), "template_token_leak"))
         # Exact comparisons (Fractions), never float ratios against float bounds.
         if cfg.max_repeated_line_ratio is not None:
-            bound_ = exact_bound(cfg.max_repeated_line_ratio)
-            checks.append((pl.lit(pl.Series([r > bound_ for r in line_ratio], dtype=pl.Boolean)), "repeated_lines"))
+            checks.append((pl.lit(too_many_lines), "repeated_lines"))
         if cfg.max_repeated_ngram_ratio is not None:
-            bound_ = exact_bound(cfg.max_repeated_ngram_ratio)
-            checks.append((pl.lit(pl.Series([r > bound_ for r in ngram_ratio], dtype=pl.Boolean)), "repeated_ngrams"))
+            checks.append((pl.lit(too_many_ngrams), "repeated_ngrams"))
         if cfg.languages:
             allowed = [lang.upper() for lang in cfg.languages]
             long_enough = pl.lit(pl.Series([len(t.strip()) >= cfg.min_language_chars for t in convo_list]))

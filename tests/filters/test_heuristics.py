@@ -137,3 +137,36 @@ def test_a_ratio_equal_to_the_bound_is_kept():
     drop = Heuristics(ngram=2, max_repeated_ngram_ratio=0.49, max_repeated_line_ratio=None)(frame(["Pair the letters."], [words]))
     assert drop["drop_reason"][0] == "repeated_ngrams"
     assert exact_bound(0.3) == Fraction(3, 10)
+
+
+def test_polars_prefilter_gives_the_per_message_python_scores():
+    """Rows the prefilter clears score 0; all rows scored in Python give the same numbers and drops."""
+    import random
+
+    from filters.heuristics import _line_repeats, _ngram_repeats, worst_message
+
+    rng = random.Random(7)
+    vocab = [f"w{i}" for i in range(300)] + ["{", "},", "---", "```", "end", "é", "a\u3000b", "x\x1cy"]
+    seps = [" "] * 20 + ["\n"] * 4 + ["\n\n", "\t", "\r\n", "  ", "\x85", "\u2028", " \x1f"]
+
+    def text():
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, 40))]
+        if words and rng.random() < 0.3:  # plant a repeat: a copied stretch of words / a line
+            start = rng.randrange(len(words))
+            words += ["\n"] + words[start:start + rng.randint(1, 8)]
+        return "".join(w + rng.choice(seps) for w in words)
+
+    rows = [[{"role": "user", "content": text()}, {"role": "assistant", "content": text()}] for _ in range(600)]
+    df = pl.DataFrame({"id": [f"r{i}" for i in range(len(rows))], "messages": rows}, schema={"id": pl.Utf8, "messages": MESSAGES})
+    for n in (1, 3, 5):
+        out = Heuristics(ngram=n, min_instruction_chars=None, min_instruction_words=None, min_response_chars=None,
+                         template_tokens=(), drop_colon_ending=False)(df)
+        texts = [[m["content"] for m in r] for r in rows]
+        lines = [worst_message(t, _line_repeats) for t in texts]
+        ngrams = [worst_message(t, lambda x: _ngram_repeats(x, n)) for t in texts]
+        assert out["heur_repeated_line_ratio"].to_list() == [float(r) for r in lines]
+        assert out["heur_repeated_ngram_ratio"].to_list() == [float(r) for r in ngrams]
+        expected = ["repeated_lines" if a > Fraction(3, 10) else "repeated_ngrams" if b > Fraction(1, 5) else None
+                    for a, b in zip(lines, ngrams)]
+        assert out["drop_reason"].to_list() == expected
+        assert 0 < sum(r > 0 for r in ngrams) < len(rows)  # both kinds of rows are present
