@@ -197,6 +197,7 @@ def main(argv=None) -> None:
             if not data.exists():  # --dir --keep: reuse the generated file
                 make_rows(data, rows, dup_share=args.dup_share)
             gen = time.perf_counter() - t0
+            shutil.rmtree(work / f"run-{rows}", ignore_errors=True)  # a kept earlier run would be a cache hit
             r = measure(data, rows, args.shard_size, args.workers, work / f"run-{rows}")
             load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
             gib = r["peak_rss"] / 2**30

@@ -215,3 +215,35 @@ def test_candidates_are_checked_by_exact_jaccard():
         f.select(scored.drop("minhash_shingles"))
     assert MinHashDedup(bands=128, rows=1, verify=False).select(scored.drop("minhash_shingles"))[
         "_reason"].to_list() == [None, DUPLICATE, DUPLICATE]
+
+
+def test_star_clusters_never_chain():
+    from filters.minhash import star_clusters
+
+    # 0~1, 1~2 (0 and 2 not near): 1 goes with 0, 2 stays; 3~4 alone; 5~6, 5~7, 6~7: all with 5.
+    pairs = np.array([[0, 1], [1, 2], [3, 4], [5, 6], [5, 7], [6, 7]])
+    assert star_clusters(9, pairs).tolist() == [0, 0, 2, 3, 3, 5, 5, 5, 8]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = 60
+        pairs = np.unique(np.sort(rng.integers(0, n, size=(80, 2)), axis=1), axis=0)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        rep = star_clusters(n, pairs)
+        paired = {tuple(p) for p in pairs.tolist()}
+        kept = rep == np.arange(n)
+        assert kept[rep].all()  # representatives are kept
+        for row in np.flatnonzero(~kept):  # each drop rests on a pair with its kept row
+            assert (min(row, rep[row]), max(row, rep[row])) in paired and rep[row] < row
+        assert not any(kept[a] and kept[b] for a, b in paired)  # no duplicate pair survives
+
+
+def test_near_copy_of_a_near_copy_is_kept_when_far_from_the_kept_row():
+    base = " ".join(random.Random(5).choices(WORDS, k=60)).split()
+    b = base[:56] + random.Random(6).choices(WORDS, k=4)  # near base (J 0.87)
+    c = b[:53] + random.Random(7).choices(WORDS, k=3) + b[56:]  # near b (0.84), not near base (0.79)
+    texts = [" ".join(t) for t in (base, b, c)]
+    assert exact_jaccard(texts[0], texts[1]) >= 0.8 and exact_jaccard(texts[1], texts[2]) >= 0.8
+    assert exact_jaccard(texts[0], texts[2]) < 0.8
+    out = MinHashDedup(bands=128, rows=1).run(pl.DataFrame({"id": ["a", "b", "c"], "instruction": texts}))
+    assert out["minhash_cluster"].to_list() == ["a", "a", "c"]
+    assert out["keep"].to_list() == [True, False, True]
