@@ -63,9 +63,12 @@ def describe(model: Any, applied: Mapping[str, Any]) -> str:
 
 def without_neutral_penalties(config: Mapping[str, Any]) -> dict[str, Any]:
     """`config` (a model_dump) without penalty fields (`*repetition_penalty`, `*frequency_penalty`,
-    `*presence_penalty`, e.g. `followup_repetition_penalty`) that are at their neutral value."""
+    `*presence_penalty`, e.g. `followup_repetition_penalty`) that are at their neutral value, and
+    `ngram_penalties` when empty."""
     out = {}
     for key, value in config.items():
+        if key == "ngram_penalties" and not value:
+            continue
         neutral = next((v for name, v in NEUTRAL_PENALTIES.items() if key == name or key.endswith("_" + name)), None)
         if neutral is not None and value == neutral:
             continue

@@ -14,7 +14,7 @@ import re
 from typing import Any, Sequence
 
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engines.base import GenerationResult, Sampling
 from engines.profiles import describe, without_neutral_penalties
@@ -181,6 +181,9 @@ class MagpieResponsesConfig(StepConfig):
                                       "A model profile may change it: the embedded model uses 1.1 (engines/profiles.py)")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM frequency_penalty (0 = none)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM presence_penalty (0 = none)")
+    ngram_penalties: tuple[tuple[int, float], ...] = Field(
+        (), description="responses: (n, penalty) pairs, logit -= penalty x times the n-gram the token would "
+                        "complete was already generated (engines/ngram_penalty.py); () = off, the paper's")
     # Follow-up queries (turn >= 2) are sampled like first queries.
     followup_temperature: float = Field(1.0, ge=0.0)
     followup_top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -191,6 +194,13 @@ class MagpieResponsesConfig(StepConfig):
     early_stop: bool = True
     sanitize: bool = True
     followup_system_prompt: str = FOLLOWUP_SYSTEM_PROMPT
+
+    @model_validator(mode="after")
+    def _valid_ngram_penalties(self) -> "MagpieResponsesConfig":
+        for n, penalty in self.ngram_penalties:
+            if n < 1 or penalty < 0:
+                raise ValueError(f"ngram_penalties entry ({n}, {penalty}): need n >= 1 and penalty >= 0")
+        return self
 
 
 class MagpieResponses(EngineStep):
@@ -243,7 +253,8 @@ class MagpieResponses(EngineStep):
             samplings = [Sampling(temperature=cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0,
                                   max_tokens=cfg.max_tokens, seed=sample_seed(cfg.seed, parents[i], turn, "a"),
                                   stop_token_ids=stop_ids, repetition_penalty=cfg.repetition_penalty,
-                                  frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty)
+                                  frequency_penalty=cfg.frequency_penalty, presence_penalty=cfg.presence_penalty,
+                                  ngram_penalties=tuple(cfg.ngram_penalties))
                          for i in idx]
             # The answer sees the plain history (no follow-up system prompt).
             results = self.engine.chat([histories[i] for i in idx], samplings,

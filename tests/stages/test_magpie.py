@@ -280,6 +280,27 @@ def test_response_ids_with_neutral_penalties_are_those_of_the_code_before_the_fi
     assert set(penalised).isdisjoint({"abcecc9982b91e54", "a1fa0ff38ea537df"})
 
 
+def test_ngram_penalties_reach_response_sampling_only():
+    seen = {"query": [], "answer": []}
+
+    def respond(prompt, s, i):
+        kind = "query" if prompt.endswith("<|im_start|>user\n") else "answer"
+        seen[kind].append(s.ngram_penalties)
+        return "And then?" if kind == "query" else "Sure."
+
+    MagpieResponses(engine=ScriptedEngine(respond), turns=2,
+                    ngram_penalties=[[3, 0.5]])(_instructions("First?"))
+    assert seen == {"answer": [((3, 0.5),)] * 2, "query": [()]}
+    with pytest.raises(ValueError, match="ngram_penalties"):
+        MagpieResponses(ngram_penalties=[[0, 1.0]])
+    # Off (the default) keeps the ids of the code before the field; on is a different config.
+    engine = ScriptedEngine(["An answer."])
+    df = pl.DataFrame({"id": ["p0", "p1"], "instruction": ["Q one?", "Q two?"]})
+    assert MagpieResponses(engine=engine, ngram_penalties=())(df)["id"].to_list() == [
+        "abcecc9982b91e54", "a1fa0ff38ea537df"]
+    assert MagpieResponses(engine=engine, ngram_penalties=[[3, 0.5]])(df)["id"].to_list()[0] != "abcecc9982b91e54"
+
+
 def test_model_profile_is_named_in_the_stats():
     step = MagpieResponses(engine=ScriptedEngine(["Sure."]), repetition_penalty=1.05)
     step.model_profile = (None, {"repetition_penalty": 1.05})  # what flows.recipe.build_steps sets
