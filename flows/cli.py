@@ -17,6 +17,7 @@ from typing import Any
 from alignforge.errors import AlignforgeError
 
 EXIT_USAGE = 2
+DEFAULT_API = "http://127.0.0.1:4200/api"  # where `prefect server start` listens
 
 
 class UsageError(AlignforgeError):
@@ -115,9 +116,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_writable(out)
     if any(_needs_chat_model(spec.name) for spec in recipe.enabled_steps()) and not isinstance(recipe.model, dict):
         preflight_model(recipe.model)
+    if args.executor == "ray":  # the package, then a real Prefect server: before the lock, Prefect or Ray start
+        from flows.executors import check_prefect_server, require_ray
+
+        require_ray()
+        check_prefect_server(os.environ.setdefault("PREFECT_API_URL", DEFAULT_API), "--executor ray")
     started = time.perf_counter()
     with storage.RunLock(out):  # before Prefect or a model starts: a second run on `out` stops at once
-        result = run_recipe(recipe, workers=args.workers, out=out, lock=False)
+        result = run_recipe(recipe, workers=args.workers, out=out, lock=False, executor=args.executor,
+                            ray_address=args.ray_address)
     wall = time.perf_counter() - started
     print_result(recipe.name, result, wall)
     return 0
@@ -278,8 +285,6 @@ def cmd_steps(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """`flow.serve` of flows/deploy.py:recipe_flow on this box: one deployment, runs on a schedule
     (needs a running `prefect server start`; the temporary server has no scheduler). Blocks."""
-    import urllib.request
-
     from flows.recipe import load_recipe, parse_sets
 
     sets = dict(parse_sets(args.set or []))
@@ -294,15 +299,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_writable(out)
     if "://" not in out:
         out = str(Path(out).resolve())  # runs start in subprocesses: name the folder absolutely
+    from flows.executors import check_prefect_server, require_ray
+
+    if args.executor == "ray":
+        require_ray()
     # Our PREFECT_HOME hides the user's Prefect profile: default to `prefect server start`'s address.
-    api = os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:4200/api").rstrip("/")
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=10) as response:
-            response.read()
-    except OSError as exc:
-        raise UsageError(f"serve: no Prefect server at {api} ({getattr(exc, 'reason', exc)}). Fix: start one with "
-                         "`prefect server start` (the temporary server has no scheduler) or set PREFECT_API_URL"
-                         ) from None
+    api = check_prefect_server(os.environ.setdefault("PREFECT_API_URL", DEFAULT_API),
+                               "serve (the temporary server has no scheduler)")
 
     # A scheduler runs unattended: its runs log at INFO (console and the server's UI), not `run`'s quiet levels.
     for key in ("PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL",
@@ -319,7 +322,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     every = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g}s"
     print(f"serving {recipe_flow.name}/{name} ({every}) against {api}; run folder {out}. Ctrl-C stops.", flush=True)
     recipe_flow.serve(name=name, cron=args.cron, interval=args.interval,
-                      parameters={"recipe": recipe_ref, "params": sets, "out": out, "workers": args.workers},
+                      parameters={"recipe": recipe_ref, "params": sets, "out": out, "workers": args.workers,
+                                  "executor": args.executor, "ray_address": args.ray_address},
                       tags=["alignforge", loaded.name], description=loaded.description,
                       limit=1,  # runs of one recipe share a run folder: one at a time, later ones wait
                       print_starting_message=bool(args.verbose))
@@ -370,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="threads for CPU steps' shards (default: CPU cores); output is the same for any N")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override one setting (YAML scalar): n=50, steps.minhash.threshold=0.7, deita.budget=6000")
+    _executor_arguments(run)
     run.add_argument("--out", metavar="DIR", help="run folder (the dataset is published to DIR/publish)")
     run.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
@@ -405,11 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--out", metavar="DIR", help="run folder (the dataset is published to DIR/publish)")
     serve.add_argument("--workers", type=int, default=None, metavar="N", help="threads for CPU steps' shards")
     serve.add_argument("--name", help="deployment name (default: the recipe's name)")
+    _executor_arguments(serve)
     when = serve.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", metavar="EXPR", help='cron schedule, e.g. "0 2 * * *"')
     when.add_argument("--interval", type=float, metavar="S", help="seconds between runs")
     serve.set_defaults(func=cmd_serve)
     return parser
+
+
+def _executor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: threads + one engine in this process; ray: shards as Ray tasks, engines as a "
+                        "Ray Data actor pool (needs the ray extra and a Prefect server: PREFECT_API_URL)")
+    parser.add_argument("--ray-address", default="auto", metavar="ADDR",
+                        help="with --executor ray: auto (RAY_ADDRESS or the `ray start` cluster of this machine), "
+                        "ray://HEAD:10001, HOST:PORT, or local (a temporary cluster with --workers CPUs)")
 
 
 INTERRUPTED = "alignforge: interrupted; rerun the same command to resume"

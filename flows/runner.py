@@ -12,8 +12,9 @@ committed shards; a committed stage (manifest present) is not touched at all.
 
 Step kinds:
 - map steps: each shard -> one output shard. CPU steps map their shards as Prefect tasks on the
-  flow's task runner (`workers` threads); engine steps send whole shards to the engine one after
-  another (the engine batches a shard per call). Output is the same whatever `workers` is.
+  flow's task runner (`workers` threads, or Ray tasks with --executor ray); engine steps send whole
+  shards to the engine one after another (the engine batches a shard per call; on Ray, to an actor
+  pool of engines: flows.executors). Output is the same whatever `workers` or the executor is.
 - global steps: score per shard (a map stage whose fingerprint covers only the score fields) ->
   select over all kept rows (one task) -> mark per shard.
 Every shard's stats (rows in / kept / dropped by reason, seconds, ALL of `step.stats`) land in
@@ -307,8 +308,14 @@ def run_map(step: Step, input_ds: Any, run_url: str, *, engine: Any = None, work
     indices = input_ds.shard_indices()
     done = set(out.shard_indices())
     todo = [i for i in indices if i not in done]
-    parallel = workers > 1 and not uses_engine and getattr(step, "parallel_shards", True)
-    _run_shards(step, input_ds.url, out.url, todo, label, parallel=parallel)
+    from flows.executors import map_engine_shards, on_ray
+
+    remote = on_ray()  # the flow's task runner is a Ray cluster's
+    if uses_engine and remote:
+        map_engine_shards(step, input_ds.url, out.url, todo)
+    else:
+        parallel = (workers > 1 or remote) and not uses_engine and getattr(step, "parallel_shards", True)
+        _run_shards(step, input_ds.url, out.url, todo, label, parallel=parallel)
     return _commit(out, name=step.name, version=step.version, config=step.config.model_dump(mode="json"),
                    fingerprint=fingerprint, input_fps=[input_fp], engines=[engine_name(engine)] if eid else [], started=started,
                    expected=indices, label=label)
@@ -480,23 +487,35 @@ def run_steps(recipe: Any, run_url: str, *, engine: Any, workers: int) -> list[t
 
 
 def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, out: str | None = None,
-               lock: bool = True) -> dict:
+               lock: bool = True, executor: str = "local", ray_address: str | None = "auto") -> dict:
     """Run a recipe as one Prefect flow and publish its dataset. Returns the run summary.
 
     `engine`: an engines.base.Engine to use instead of starting one on `recipe.model` (tests); the
-    caller keeps ownership. `workers`: threads for CPU steps' shards (default: CPU cores)."""
+    caller keeps ownership. `workers`: threads for CPU steps' shards (default: CPU cores).
+    `executor`: "local" or "ray" (flows.executors; ray needs PREFECT_API_URL of a running Prefect
+    server and a cluster at `ray_address`)."""
     from prefect import flow
-    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.executors import check_prefect_server, no_cluster_error, prefect_api_url, task_runner
 
     workers = int(workers or os.cpu_count() or 1)
     run_url = out if out is not None else (recipe.out if recipe.out is not None else f"runs/{recipe.name}")
+    runner = task_runner(executor, workers=workers, ray_address=ray_address)
+    if executor == "ray":
+        check_prefect_server(prefect_api_url(), "--executor ray")
+        if "://" not in run_url:  # Ray workers do not share our working directory
+            run_url = os.path.abspath(os.path.expanduser(run_url))
 
-    @flow(name=recipe.name, task_runner=ThreadPoolTaskRunner(max_workers=workers), log_prints=False,
-          validate_parameters=False)
+    @flow(name=recipe.name, task_runner=runner, log_prints=False, validate_parameters=False)
     def alignforge_run() -> dict:
         return execute(recipe, run_url, engine=engine, workers=workers, lock=lock)
 
-    return alignforge_run()
+    try:
+        return alignforge_run()
+    except ConnectionError as exc:  # ray.init found no cluster at the address
+        if executor == "ray" and "ray" in str(exc).lower():
+            raise no_cluster_error(ray_address, exc) from None
+        raise
 
 
 def execute(recipe: Any, run_url: str, *, engine: Any = None, workers: int = 1, lock: bool = True) -> dict:
@@ -532,10 +551,11 @@ def _arm_signal_handler() -> None:
 
 
 def run(recipe: str | Any, sets: Mapping[str, Any] | list[str] | None = None, *, out: str | None = None,
-        engine: Any = None, workers: int | None = None) -> dict:
+        engine: Any = None, workers: int | None = None, executor: str = "local",
+        ray_address: str | None = "auto") -> dict:
     """Load a recipe (built-in name, file, or a Recipe), apply `sets` ({"n": 8} or ["n=8"]) and run it."""
     from flows.recipe import Recipe, load_recipe
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, sets=dict(sets) if isinstance(sets, Mapping) else sets, out=out)
-    return run_recipe(recipe, engine=engine, workers=workers, out=out)
+    return run_recipe(recipe, engine=engine, workers=workers, out=out, executor=executor, ray_address=ray_address)
