@@ -35,3 +35,12 @@ def engine():
         yield eng
     finally:
         shutdown_all()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` (tests/servers.py), once per session; stopped at the end."""
+    from tests.servers import prefect_server as start_server
+
+    with start_server(tmp_path_factory.mktemp("prefect-home")) as server:
+        yield server

@@ -1,7 +1,8 @@
 """Scheduled runs against a real Prefect server (issue 12): every component is a real process that
 the tests start and stop (by process group: SIGTERM alone sometimes leaves `serve` running).
 
-- `prefect server start` on SQLite in a temporary PREFECT_HOME, on a free port (one per module);
+- `prefect server start` on SQLite in a temporary PREFECT_HOME, on a free port (one per test
+  session: tests/conftest.py, shared with the Ray executor tests);
 - `alignforge serve curate ... --interval 5` -> an auto-scheduled run COMPLETED and published;
 - `prefect deploy --all` creates every deployment of prefect.yaml with its schedule, and a process
   worker started from the repository root runs one (curate on a tiny file, parameters given at
@@ -15,122 +16,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.servers import BIN, REPO, Server, free_port as _free_port, start as _start, stop as _stop, tail as _tail
+
 pytestmark = [pytest.mark.scheduling, pytest.mark.timeout(300)]
 
 
-# ---------------------------------------------------------------- processes
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict, log: Path, cwd: Path = REPO) -> subprocess.Popen:
-    """A process in its own process group (so _stop reaches everything it spawned)."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    try:  # children that outlived their parent are still in the group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(log: Path, n: int = 60) -> str:
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    return f"--- {log.name} (last {n} lines)\n" + "\n".join(lines[-n:])
-
-
-# ---------------------------------------------------------------- the server
-
-class Server:
-    def __init__(self, url: str, env: dict, log: Path):
-        self.url, self.env, self.log = url, env, log
-
-    def api(self, method: str, path: str, body: dict | None = None):
-        import httpx
-
-        response = httpx.request(method, f"{self.url}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def deployment(self, flow: str, name: str) -> dict:
-        return self.api("GET", f"/deployments/name/{flow}/{name}")
-
-    def runs(self, deployment_id: str) -> list[dict]:
-        return self.api("POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
-
-    def prefect(self, *args: str, timeout: float = 180) -> str:
-        done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=REPO, env=self.env, text=True,
-                              capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
-        assert done.returncode == 0, f"prefect {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
-        return done.stdout
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",  # default 60: a 5 s interval would wait a minute
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "TOKENIZERS_PARALLELISM": "false",
-    })
-    log = home / "server.log"
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
-    srv = Server(url, env, log)
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "prefect server did not start\n" + _tail(log)
-            time.sleep(1)
-        yield srv
-    finally:
-        _stop(proc)
+def server(prefect_server) -> Server:
+    return prefect_server  # one server per test session (tests/conftest.py), shared with the Ray tests
 
 
 @pytest.fixture
