@@ -220,11 +220,10 @@ def validate(df: pl.DataFrame, kind: str = "sft", *, dataset: str | None = None)
     _first_bad(df, ~ids.is_first_distinct(), dataset, "id", "duplicate id (an earlier row has it)",
                "ids must be unique; derive them from the row content and a per-row counter/seed")
 
-    live = df
-    if "keep" in df.columns:
-        live = df.with_row_index("__row").filter(pl.col("keep").fill_null(True))
-    else:
-        live = df.with_row_index("__row")
+    # Rows to check are marked, not filtered out: a filtered copy of a million-row frame cost
+    # as much memory as the frame.
+    live = df.with_row_index("__row").with_columns(
+        (pl.col("keep").fill_null(True) if "keep" in df.columns else pl.lit(True)).alias(_LIVE))
     if kind == "instructions":
         text = pl.col("instruction")
         _first_bad_expr(live, text.is_null() | (text.str.strip_chars() == ""), dataset, "instruction",
@@ -279,8 +278,11 @@ def _first_bad(df: pl.DataFrame, mask: pl.Series, dataset, column, what, fix) ->
                           row=index, fix=fix)
 
 
+_LIVE = "__live"
+
+
 def _first_bad_expr(live: pl.DataFrame, expr: pl.Expr, dataset, column, what, fix) -> None:
-    bad = live.filter(expr.fill_null(True)).head(1)
+    bad = live.filter(pl.col(_LIVE) & expr.fill_null(True)).head(1)
     if bad.height:
         index = int(bad["__row"][0])
         raise SchemaError(f"{what}{_describe(bad, 0, column)}", dataset=dataset, column=column,
@@ -309,7 +311,7 @@ def _check_messages(live: pl.DataFrame, column: str, dataset, kind: str) -> None
     content = pl.element().struct.field("content")
     _first_bad_expr(live, col.list.eval(~role.is_in(ROLES).fill_null(False)).list.any(), dataset, column,
                     "message with an unknown role", fix)
-    no_content = content.is_null() | (content.str.strip_chars() == "")
+    no_content = content.is_null() | content.str.contains(r"^\s*$")  # = strip_chars() == "", without a copy
     fields = _message_fields(live.schema[column])
     if "tool_calls" in fields:  # an assistant tool call needs no text
         calls = (pl.element().struct.field("tool_calls").list.len() > 0).fill_null(False)

@@ -247,3 +247,19 @@ def test_near_copy_of_a_near_copy_is_kept_when_far_from_the_kept_row():
     out = MinHashDedup(bands=128, rows=1).run(pl.DataFrame({"id": ["a", "b", "c"], "instruction": texts}))
     assert out["minhash_cluster"].to_list() == ["a", "a", "c"]
     assert out["keep"].to_list() == [True, False, True]
+
+
+def test_window_hashes_match_the_indexed_path():
+    from filters.minhash import _ngram_hashes, _window_hashes
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 5):
+        lengths = rng.integers(n, n + 12, size=40)
+        lengths[::7] = 0  # empty documents too
+        units = rng.integers(0, 2**63, size=int(lengths.sum()), dtype=np.uint64)
+        fast = _window_hashes(units, lengths, n)
+        # The indexed path, forced by appending one short document (its shingle comes last).
+        slow = _ngram_hashes(np.concatenate([units, units[:1]]), np.append(lengths, 1), n) if n > 1 else None
+        if slow is not None:
+            assert np.array_equal(fast[0], slow[0][:-1]) and np.array_equal(fast[1], slow[1][:-1])
+        assert fast[1].sum() == len(fast[0]) == sum(max(x - n + 1, 0) for x in lengths)
