@@ -21,7 +21,9 @@ The per-request penalties travel in `SamplingParams.extra_args[NGRAM_PENALTY_KEY
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Annotated, Any, Iterable, Sequence
+
+from pydantic import AfterValidator
 
 NGRAM_PENALTY_KEY = "alignforge_ngram_penalty"
 PROCESSOR_NAME = "NGramPenaltyLogitsProcessor"
@@ -80,6 +82,17 @@ def parse_penalties(value: Any) -> list[tuple[int, float]]:
     if any(n < 1 or p < 0 for n, p in pairs):
         raise ValueError(f"{NGRAM_PENALTY_KEY}: need n >= 1 and penalty >= 0, got {value!r}")
     return pairs
+
+
+def _checked(pairs: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+    for n, penalty in pairs:
+        if n < 1 or penalty < 0:
+            raise ValueError(f"ngram_penalties entry ({n}, {penalty}): need n >= 1 and penalty >= 0")
+    return pairs
+
+
+# A step config field type: (n, penalty) pairs, validated where the config is built.
+NGramPenalties = Annotated[tuple[tuple[int, float], ...], AfterValidator(_checked)]
 
 
 def _build_processor_class() -> type:

@@ -14,9 +14,10 @@ import re
 from typing import Any, Sequence
 
 import polars as pl
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from engines.base import GenerationResult, Sampling
+from engines.ngram_penalty import NGramPenalties
 from engines.profiles import describe, without_neutral_penalties
 from schemas import MESSAGES, row_id
 from alignforge.step import EngineStep, StepConfig, StepError, sample_seed
@@ -181,7 +182,7 @@ class MagpieResponsesConfig(StepConfig):
                                       "A model profile may change it: the embedded model uses 1.1 (engines/profiles.py)")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM frequency_penalty (0 = none)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="responses: vLLM presence_penalty (0 = none)")
-    ngram_penalties: tuple[tuple[int, float], ...] = Field(
+    ngram_penalties: NGramPenalties = Field(
         (), description="responses: (n, penalty) pairs, logit -= penalty x times the n-gram the token would "
                         "complete was already generated (engines/ngram_penalty.py); () = off, the paper's")
     # Follow-up queries (turn >= 2) are sampled like first queries.
@@ -194,13 +195,6 @@ class MagpieResponsesConfig(StepConfig):
     early_stop: bool = True
     sanitize: bool = True
     followup_system_prompt: str = FOLLOWUP_SYSTEM_PROMPT
-
-    @model_validator(mode="after")
-    def _valid_ngram_penalties(self) -> "MagpieResponsesConfig":
-        for n, penalty in self.ngram_penalties:
-            if n < 1 or penalty < 0:
-                raise ValueError(f"ngram_penalties entry ({n}, {penalty}): need n >= 1 and penalty >= 0")
-        return self
 
 
 class MagpieResponses(EngineStep):

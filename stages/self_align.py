@@ -41,6 +41,7 @@ from pydantic import Field, model_validator
 
 from alignforge.step import EngineStep, StepConfig, StepError, sample_seed
 from engines.base import Sampling
+from engines.ngram_penalty import NGramPenalties
 from engines.vllm_engine import PROMPT_TOO_LONG
 from schemas import MESSAGES, row_id, stable_hash
 from stages.self_align_data import (DEFAULT_QUESTION_TYPES, DEFAULT_SEED_QUESTIONS, DEFAULT_SEED_TASKS,
@@ -628,17 +629,10 @@ class VerboseAnswersConfig(StepConfig):
     temperature: float = Field(0.3, ge=0.0)
     top_p: float = Field(0.7, gt=0.0, le=1.0)
     max_tokens: int = Field(512, ge=1)
-    ngram_penalties: tuple[tuple[int, float], ...] = Field(
+    ngram_penalties: NGramPenalties = Field(
         ((3, 1.0), (4, 2.0)), description="(n, penalty): logit -= penalty x count of the n-gram the token would "
                                           "repeat (reference: trigram 1.0, 4-gram 2.0); () = off")
     stop_at_user_marker: bool = True
-
-    @model_validator(mode="after")
-    def _valid_penalties(self) -> "VerboseAnswersConfig":
-        for n, penalty in self.ngram_penalties:
-            if n < 1 or penalty < 0:
-                raise ValueError(f"ngram_penalties entry ({n}, {penalty}): need n >= 1 and penalty >= 0")
-        return self
 
 
 class VerboseAnswers(_Answers):
