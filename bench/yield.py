@@ -10,6 +10,7 @@ setting: instruction stages are reused; each run's publish is read right after i
     python -m bench.yield [--n 50] [--turns 1 2] [--penalties 1.0 1.05 1.1] [--model PATH]
     python -m bench.yield --runs 1:1.05 2:1.05 1:1.0     # explicit (turns:penalty) runs, in this order
     python -m bench.yield --runs 1:1.05:max_tokens=1024,frequency_penalty=0.1   # + other magpie_responses fields
+    python -m bench.yield --runs "1:1.1:ngram_penalties=[[3, 1.0]]"
 
 Run it under `flock /tmp/alignforge-vllm.lock` on a shared machine (it starts vLLM).
 """
@@ -30,13 +31,26 @@ def mean_words(messages_rows: list) -> tuple[float, int]:
 
 
 def parse_run(text: str) -> tuple[int, float, tuple]:
-    """"2:1.05" or "1:1.05:max_tokens=1024,frequency_penalty=0.1" -> (turns, penalty, ((field, value), ...))."""
+    """"2:1.05" or "1:1.05:max_tokens=1024,ngram_penalties=[[3, 1.0]]" -> (turns, penalty, ((field, value), ...))."""
     import yaml
 
     turns, penalty, *rest = text.split(":", 2)
-    other = tuple((k.strip(), yaml.safe_load(v)) for k, v in (kv.split("=", 1) for kv in rest[0].split(","))) \
-        if rest and rest[0] else ()
+    fields, depth, part = [], 0, ""
+    for ch in rest[0] if rest else "":  # split at commas outside brackets: ngram_penalties=[[3, 1.0]]
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            fields.append(part)
+            part = ""
+        else:
+            part += ch
+    fields += [part] if part.strip() else []
+    other = tuple((k.strip(), _frozen(yaml.safe_load(v))) for k, v in (f.split("=", 1) for f in fields))
     return int(turns), float(penalty), other
+
+
+def _frozen(value):
+    """Lists -> tuples, so a run's settings can key the table."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
 def main() -> None:
