@@ -32,12 +32,16 @@ import numpy as np
 import polars as pl
 
 
-def make_rows(path: Path, rows: int, seed: int = 0, dup_share: float = 0.1, chunk: int = 100_000) -> None:
-    """Write `rows` synthetic SFT rows to one parquet file, `chunk` rows at a time."""
+def make_rows(path: Path, rows: int, seed: int = 0, dup_share: float = 0.1, chunk: int = 100_000,
+              words: list[str] | None = None) -> None:
+    """Write `rows` synthetic SFT rows to one parquet file, `chunk` rows at a time.
+
+    `words`: the vocabulary, most frequent first (default: 20k random letter strings)."""
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    vocab = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10)))
+    vocab = np.array(words if words is not None else
+                     ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10)))
                       for _ in range(20_000)])
     probs = 1.0 / np.arange(1, len(vocab) + 1) ** 0.9
     probs /= probs.sum()
@@ -125,10 +129,12 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def measure(input_path: Path, rows: int, shard_size: int, workers: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "bench.scale_curate", "--child", "--input", str(input_path), "--out", str(out),
-           "--shard-size", str(shard_size), "--workers", str(workers)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+def measure(input_path: Path, rows: int, shard_size: int, workers: int, out: Path, *, module: str = "bench.scale_curate",
+            extra: tuple[str, ...] = (), env: dict | None = None) -> dict:
+    """Run `python -m module --child ...` (it prints "RESULT {json}"): wall, CPU s and peak RSS of its process tree."""
+    cmd = [sys.executable, "-m", module, "--child", "--input", str(input_path), "--out", str(out),
+           "--shard-size", str(shard_size), "--workers", str(workers), *extra]
+    env = {**(env or os.environ), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

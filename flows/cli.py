@@ -419,9 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _executor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="local: threads + one engine in this process; ray: shards as Ray tasks, engines as a "
-                        "Ray Data actor pool (needs the ray extra and a Prefect server: PREFECT_API_URL)")
+    from flows.executors import EXECUTORS
+
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local: --workers threads + one engine in this process; process: --workers processes; "
+                        "ray: shards as Ray tasks, engines as a Ray Data actor pool (needs the ray extra and a "
+                        "Prefect server: PREFECT_API_URL)")
     parser.add_argument("--ray-address", default="auto", metavar="ADDR",
                         help="with --executor ray: auto (RAY_ADDRESS or the `ray start` cluster of this machine), "
                         "ray://HEAD:10001, HOST:PORT, or local (a temporary cluster with --workers CPUs)")

@@ -1,7 +1,10 @@
-"""Where a step's shards run: `local` (this process) or `ray` (a Ray cluster). Prefect wiring only.
+"""Where a step's shards run: `local` (threads), `process` (a process pool) or `ray` (a Ray cluster).
+Prefect wiring only.
 
 - local: CPU steps map their shards as Prefect tasks on a ThreadPoolTaskRunner (`workers`
   threads); engine steps send whole shards to one engine in this process.
+- process: the same on Prefect's ProcessPoolTaskRunner (`workers` processes: shards do not share
+  the GIL; each process imports the step's modules once).
 - ray: the flow's task runner is prefect-ray's RayTaskRunner, so CPU steps' shard tasks run as
   Ray tasks (one CPU each) anywhere on the cluster; engine steps run as Ray Data `map_batches`
   over an actor pool of engines: one actor per GPU (`num_gpus=1`), or one actor with
@@ -25,7 +28,7 @@ from typing import Any
 
 from alignforge.errors import AlignforgeError
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "process", "ray")
 RAY_INSTALL = "pip install -e '.[ray]'   (prefect-ray 0.6.0 + ray[data] 2.60.0; or: make setup)"
 START_SERVER = ("start one with `prefect server start` and `export PREFECT_API_URL=http://HOST:4200/api` "
                 "(a HOST every Ray node can reach; `--host 0.0.0.0` to listen beyond this machine)")
@@ -86,7 +89,7 @@ def worker_env() -> dict[str, str]:
 
 
 def task_runner(executor: str, *, workers: int, ray_address: str | None = "auto") -> Any:
-    """The flow's task runner: ThreadPoolTaskRunner(workers) or RayTaskRunner on `ray_address`.
+    """The flow's task runner: Thread- / ProcessPoolTaskRunner(workers) or RayTaskRunner on `ray_address`.
 
     `ray_address`: "auto" (RAY_ADDRESS, else the cluster `ray start` runs on this machine; an error
     if there is none), "ray://HEAD:10001" (Ray Client) or "HOST:PORT" (a GCS address), or "local"
@@ -95,6 +98,10 @@ def task_runner(executor: str, *, workers: int, ray_address: str | None = "auto"
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=workers)
+    if executor == "process":  # one box, no GIL between shards; engine steps stay in this process
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
     if executor != "ray":
         raise ExecutorError(f"unknown executor {executor!r}. Fix: --executor {' or '.join(EXECUTORS)}")
     require_ray()
