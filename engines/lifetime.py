@@ -52,9 +52,7 @@ class LazyEngine:
             if isinstance(self.model, dict):
                 from engines.openai_client import OpenAIEngine
 
-                urls = self.model.get("openai")
-                self._engine = OpenAIEngine(urls, model=self.model.get("name"), tokenizer=self.model.get("tokenizer"),
-                                            **self.options)
+                self._engine = OpenAIEngine.from_spec(self.model, **self.options)
             else:
                 from engines import get_engine
 

@@ -21,9 +21,49 @@ from typing import Any, Sequence
 
 from engines import chat_template
 from engines.base import Completion, GenerationResult, Sampling
+from alignforge.errors import AlignforgeError
+from engines.embedded import ModelError
 from engines.vllm_engine import EngineStats
 
 TOP_LOGPROBS = 20  # servers cap this (OpenAI: 5, vLLM: max_logprobs, default 20)
+# A recipe's `model: {openai: [...], ...}`: key -> what it is (also the error's list of keys).
+SPEC_KEYS = {"openai": "server base URLs", "name": "served model name", "tokenizer": "tokenizer folder or hub id",
+             "retries": "rounds over the fleet after the first", "timeout_s": "seconds per request",
+             "concurrency": "requests in flight"}
+SPEC_EXAMPLE = "model: {openai: [http://h1:8000/v1, http://h2:8000/v1], name: Qwen/Qwen2.5-7B-Instruct}"
+
+
+class ServerError(AlignforgeError, RuntimeError):
+    """No server of the fleet answered, or one refused a request (the message has the fix)."""
+
+
+def check_spec(spec: dict[str, Any], *, source: str = "model") -> dict[str, Any]:
+    """A recipe's OpenAI server spec, checked before anything connects -> OpenAIEngine's arguments."""
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ModelError(f"{source}: unknown key {unknown[0]!r} in an OpenAI server spec",
+                         fix=f"use {', '.join(SPEC_KEYS)}; e.g. {SPEC_EXAMPLE}")
+    urls = spec.get("openai")
+    urls = [urls] if isinstance(urls, str) else list(urls or [])
+    if not urls:
+        raise ModelError(f"{source}: `openai` lists no server", fix=f"give at least one server URL: {SPEC_EXAMPLE}")
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ModelError(f"{source}: {url!r} is not an http(s) URL", fix="write each server as http://host:port/v1")
+    if not spec.get("name"):
+        raise ModelError(f"{source}: an OpenAI server spec needs `name`, the model name the servers serve "
+                         "(`--served-model-name`, else the path given to `--model`)", fix=SPEC_EXAMPLE)
+    options = {}
+    for key in ("retries", "timeout_s", "concurrency"):
+        value = spec.get(key)
+        if value is None:
+            continue
+        least = 0 if key == "retries" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
+            raise ModelError(f"{source}: {key}={value!r} must be a number >= {least}",
+                             fix=f"set {key} ({SPEC_KEYS[key]}) or leave it out")
+        options[key] = int(value) if key != "timeout_s" else float(value)
+    return {"base_url": urls, "model": str(spec["name"]), "tokenizer": spec.get("tokenizer"), **options}
 
 
 class OpenAIEngine:
@@ -49,6 +89,11 @@ class OpenAIEngine:
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
         self._tokenizer = tokenizer
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], **options: Any) -> "OpenAIEngine":
+        """The engine for a recipe's `model: {openai: [url, ...], name: ..., tokenizer: ...}`."""
+        return cls(**{**check_spec(spec), **options})
 
     @property
     def tokenizer(self) -> Any:
@@ -191,12 +236,14 @@ class OpenAIEngine:
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode(errors="replace")[:500]
                 if exc.code < 500 or attempt == attempts - 1:
-                    raise RuntimeError(f"{url} answered HTTP {exc.code}: {detail}. Fix: check the model name "
-                                       f"({self.model_id!r}) and sampling options the server supports") from exc
+                    hint = " and that the URL ends with the API prefix (http://host:8000/v1)" if exc.code == 404 else ""
+                    raise ServerError(f"{url} answered HTTP {exc.code}: {detail}. Fix: check the model name "
+                                      f"({self.model_id!r}){hint} and the sampling options the server supports") from exc
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 if attempt == attempts - 1:
-                    raise RuntimeError(f"can't reach {url} ({exc}) nor any other of {len(self.base_urls)} server(s). "
-                                       "Fix: start the server (vllm serve MODEL) or correct base_url") from exc
+                    raise ServerError(f"can't reach {url} ({exc}) nor any other of {len(self.base_urls)} server(s) "
+                                      f"after {self.retries + 1} round(s). Fix: start the servers (vllm serve MODEL) "
+                                      "or correct the URLs") from exc
             if (attempt + 1) % len(self.base_urls) == 0:  # every server tried once more: back off
                 time.sleep(0.5 * 2 ** (attempt // len(self.base_urls)))
         raise AssertionError("unreachable")

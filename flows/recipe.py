@@ -326,6 +326,10 @@ def validate_recipe(raw: dict[str, Any], *, source: str) -> Recipe:
     body.setdefault("name", Path(source).stem.replace("_", "-"))
     if body.get("model") == "embedded":
         body["model"] = None
+    if isinstance(body.get("model"), dict):  # an OpenAI server fleet: checked before any step runs
+        from engines.openai_client import check_spec
+
+        check_spec(body["model"], source=f"{source}: model")
     try:
         return Recipe(**body, steps=tuple(StepSpec(**s) for s in specs), source=source)
     except ValidationError as exc:

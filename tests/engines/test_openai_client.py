@@ -108,3 +108,46 @@ def test_candidate_logprobs_ask_for_every_candidate_token_id(server):
     assert requests[-1]["logprob_token_ids"] == ids and requests[-1]["max_tokens"] == 1
     engine.complete(["p"], Sampling(seed=1, logprobs=2))
     assert "logprob_token_ids" not in requests[-1]  # only for candidate scoring
+
+
+def test_fleet_spec_from_a_recipe(server):
+    url, requests = server
+    engine = OpenAIEngine.from_spec({"openai": [url, url], "name": "m", "tokenizer": ScriptedTokenizer(), "retries": 0,
+                                     "timeout_s": 5})
+    assert engine.base_urls == [url, url] and engine.retries == 0 and engine.timeout_s == 5
+    engine.complete(["p"], Sampling(seed=1))
+    assert requests[-1]["model"] == "m"
+    assert OpenAIEngine.from_spec({"openai": url, "name": "m", "tokenizer": ScriptedTokenizer()}).base_urls == [url]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"urls": ["http://h:8000/v1"], "name": "m"}, "unknown key 'urls'.*openai, name"),
+    ({"openai": [], "name": "m"}, "at least one server URL"),
+    ({"openai": ["h1:8000/v1"], "name": "m"}, "'h1:8000/v1' is not an http"),
+    ({"openai": ["http://h:8000/v1"]}, "`name`.*served"),
+    ({"openai": ["http://h:8000/v1"], "name": "m", "retries": -1}, "retries"),
+])
+def test_bad_fleet_spec_is_a_clear_error(spec, match):
+    from alignforge.errors import AlignforgeError
+
+    with pytest.raises(AlignforgeError, match=match) as info:
+        OpenAIEngine.from_spec({**spec, "tokenizer": ScriptedTokenizer()} if "name" in spec else spec)
+    assert "Fix:" in str(info.value)
+
+
+def test_unreachable_fleet_is_an_error_the_cli_prints():
+    from alignforge.errors import AlignforgeError
+
+    engine = OpenAIEngine(["http://127.0.0.1:9/v1"], "m", tokenizer=ScriptedTokenizer(), retries=0)
+    with pytest.raises(AlignforgeError, match="can't reach"):
+        engine.complete(["p"])
+
+
+def test_recipe_with_a_bad_fleet_spec_stops_at_load():
+    from engines.embedded import ModelError
+    from flows.recipe import load_recipe
+
+    with pytest.raises(ModelError, match="magpie_sft.yaml: model: 'h1:8000/v1' is not an http.*Fix"):
+        load_recipe("magpie-sft", sets={"model": {"openai": ["h1:8000/v1"], "name": "m"}})
+    spec = {"openai": ["http://h1:8000/v1"], "name": "m", "retries": 1}
+    assert load_recipe("magpie-sft", sets={"model": spec}).model == spec
