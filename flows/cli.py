@@ -116,11 +116,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_writable(out)
     if any(_needs_chat_model(spec.name) for spec in recipe.enabled_steps()) and not isinstance(recipe.model, dict):
         preflight_model(recipe.model)
-    if args.executor == "ray":  # the package, then a real Prefect server: before the lock, Prefect or Ray start
+    if args.executor != "local":  # the package, a real Prefect server: before the lock, Prefect or Ray start
         from flows.executors import check_prefect_server, require_ray
 
-        require_ray()
-        check_prefect_server(os.environ.setdefault("PREFECT_API_URL", DEFAULT_API), "--executor ray")
+        if args.executor == "ray":
+            require_ray()
+        check_prefect_server(os.environ.setdefault("PREFECT_API_URL", DEFAULT_API), f"--executor {args.executor}")
     started = time.perf_counter()
     with storage.RunLock(out):  # before Prefect or a model starts: a second run on `out` stops at once
         result = run_recipe(recipe, workers=args.workers, out=out, lock=False, executor=args.executor,
@@ -423,8 +424,8 @@ def _executor_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--executor", choices=EXECUTORS, default="local",
                         help="local: --workers threads + one engine in this process; process: --workers processes; "
-                        "ray: shards as Ray tasks, engines as a Ray Data actor pool (needs the ray extra and a "
-                        "Prefect server: PREFECT_API_URL)")
+                        "ray: shards as Ray tasks, engines as a Ray Data actor pool (ray extra). process and ray "
+                        "need a running Prefect server (PREFECT_API_URL)")
     parser.add_argument("--ray-address", default="auto", metavar="ADDR",
                         help="with --executor ray: auto (RAY_ADDRESS or the `ray start` cluster of this machine), "
                         "ray://HEAD:10001, HOST:PORT, or local (a temporary cluster with --workers CPUs)")

@@ -13,10 +13,11 @@ Prefect wiring only.
   run builds it) and writes the output shard itself, so per-request seeds, batches and the
   committed stage folders are those of a local run.
 
-Ray needs two things a local run does not:
-- a real Prefect API server (PREFECT_API_URL): each Ray worker reports its task runs there.
-  Without one every worker would start a temporary server of its own (measured 4x slower), so
-  we refuse instead (`check_prefect_server`);
+process and ray need two things a local run does not:
+- a real Prefect API server (PREFECT_API_URL): each worker process reports its task runs there.
+  Without one every worker starts a temporary server of its own (Ray: measured 4x slower;
+  process: up to 4 temporary servers seen during a 2-worker run), so we refuse instead
+  (`check_prefect_server`);
 - storage every worker can reach: local paths are made absolute (one machine); a multi-node
   cluster needs a shared filesystem or an fsspec URL (s3://, gs://) for --out and the input.
 """

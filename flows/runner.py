@@ -492,8 +492,8 @@ def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, o
 
     `engine`: an engines.base.Engine to use instead of starting one on `recipe.model` (tests); the
     caller keeps ownership. `workers`: threads for CPU steps' shards (default: CPU cores).
-    `executor`: "local" or "ray" (flows.executors; ray needs PREFECT_API_URL of a running Prefect
-    server and a cluster at `ray_address`)."""
+    `executor`: "local", "process" or "ray" (flows.executors; the last two need PREFECT_API_URL of a
+    running Prefect server, ray a cluster at `ray_address`)."""
     from prefect import flow
 
     from flows.executors import check_prefect_server, no_cluster_error, prefect_api_url, task_runner
@@ -501,9 +501,9 @@ def run_recipe(recipe: Any, *, engine: Any = None, workers: int | None = None, o
     workers = int(workers or os.cpu_count() or 1)
     run_url = out if out is not None else (recipe.out if recipe.out is not None else f"runs/{recipe.name}")
     runner = task_runner(executor, workers=workers, ray_address=ray_address)
-    if executor == "ray":
-        check_prefect_server(prefect_api_url(), "--executor ray")
-        if "://" not in run_url:  # Ray workers do not share our working directory
+    if executor != "local":  # worker processes report to a real server (else each starts a temporary one)
+        check_prefect_server(prefect_api_url(), f"--executor {executor}")
+        if "://" not in run_url:  # workers do not share our working directory
             run_url = os.path.abspath(os.path.expanduser(run_url))
 
     @flow(name=recipe.name, task_runner=runner, log_prints=False, validate_parameters=False)
