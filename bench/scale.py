@@ -2,6 +2,7 @@
 processes and Ray tasks. Wall time, CPU s, peak RSS, speed-up, and where the time went per stage.
 
     python -m bench.scale [--rows 20000] [--shard-size 2500] [--workers 1 2] [--executors local process ray]
+                          [--semdedup on|off]
 
 Data: bench.scale_curate.make_rows (synthetic SFT rows, 10% near copies of earlier rows) over the
 whole words of MiniLM's vocabulary (so an instruction is ~8-40 embedder tokens, as real text is). Each
@@ -37,7 +38,7 @@ def _child(args) -> None:
     from flows.runner import run
 
     t0 = time.perf_counter()
-    summary = run("curate", {"input": args.input, "shard_size": args.shard_size, "semdedup.enabled": True},
+    summary = run("curate", {"input": args.input, "shard_size": args.shard_size, "semdedup.enabled": args.semdedup == "on"},
                   out=args.out, workers=args.workers, executor=args.executor, ray_address="local")
     seconds = time.perf_counter() - t0
     print("RESULT " + json.dumps({"seconds": seconds, "summary": {k: v for k, v in summary.items()
@@ -69,6 +70,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shard-size", type=int, default=2_500)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--executors", nargs="+", default=["local", "process", "ray"], choices=["local", "process", "ray"])
+    ap.add_argument("--semdedup", choices=["on", "off"], default="on",
+                    help="off: heuristics + MinHash only (the steps whose shards run in parallel)")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--executor", help=argparse.SUPPRESS)
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
                     out = work / f"run-{executor}-{workers}"
                     shutil.rmtree(out, ignore_errors=True)  # a kept earlier run would be a cache hit
                     r = measure(data, args.rows, args.shard_size, workers, out, module="bench.scale",
-                                extra=("--executor", executor), env=env)
+                                extra=("--executor", executor, "--semdedup", args.semdedup), env=env)
                     r.update(executor=executor, workers=workers, stages=stage_seconds(out),
                              load=os.getloadavg()[0], kept=r["summary"].get("rows_kept"))
                     results.append(r)
@@ -114,8 +117,10 @@ def main(argv=None) -> None:
 def write_table(results: list[dict], args, started: str) -> str:
     base = next((r["wall"] for r in results if r["executor"] == "local" and r["workers"] == 1), None)
     names = {"local": "threads", "process": "processes", "ray": "Ray tasks (local cluster)"}
-    header = (f"# curate (heuristics + MinHash + semantic dedup), {args.rows:,} rows, shard size {args.shard_size:,}\n\n"
-              f"{started}, {os.cpu_count()} cores, {os.uname().machine}; `python -m bench.scale --rows {args.rows}`\n\n"
+    steps = "heuristics + MinHash" + (" + semantic dedup" if args.semdedup == "on" else "")
+    header = (f"# curate ({steps}), {args.rows:,} rows, shard size {args.shard_size:,}\n\n"
+              f"{started}, {os.cpu_count()} cores, {os.uname().machine}; `python -m bench.scale --rows {args.rows} "
+              f"--shard-size {args.shard_size} --semdedup {args.semdedup}`\n\n"
               "| executor | workers | wall s | speed-up | CPU s (tree) | peak RSS GiB (tree) | kept | "
               + " | ".join(f"{s} s" for s in STAGES) + " | load (1 min, at end) |\n"
               "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|\n")
@@ -126,7 +131,7 @@ def write_table(results: list[dict], args, started: str) -> str:
         lines.append(f"| {names[r['executor']]} | {r['workers']} | {r['wall']:.1f} | {speed} | {r['cpu']:.1f} | "
                      f"{r['peak_rss'] / 2**30:.2f} | {r['kept']} | {stages} | {r['load']:.1f} |")
     table = header + "\n".join(lines) + "\n"
-    out = Path(__file__).parent / "results" / "scale.md"
+    out = Path(__file__).parent / "results" / ("scale.md" if args.semdedup == "on" else "scale_no_semdedup.md")
     out.parent.mkdir(exist_ok=True)
     out.write_text(table)
     return table
