@@ -140,12 +140,14 @@ def measure(input_path: Path, rows: int, shard_size: int, workers: int, out: Pat
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0]
+    peak = [0, 0.0]  # bytes, seconds from the start when it was reached
     done = threading.Event()
 
     def poll():
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(child.pid))
+            rss = _tree_rss(child.pid)
+            if rss > peak[0]:
+                peak[:] = [rss, time.perf_counter() - t0]
             done.wait(0.1)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -174,8 +176,8 @@ def measure(input_path: Path, rows: int, shard_size: int, workers: int, out: Pat
     if child.returncode != 0:
         raise SystemExit(f"curate run failed ({child.returncode}):\n{stderr[-4000:]}")
     result = json.loads(next(line[7:] for line in stdout.splitlines() if line.startswith("RESULT ")))
-    return {"rows": rows, "wall": wall, "cpu": cpu, "run_seconds": result["seconds"], "peak_rss": peak[0], "stages": stages,
-            "summary": result["summary"]}
+    return {"rows": rows, "wall": wall, "cpu": cpu, "run_seconds": result["seconds"], "peak_rss": peak[0],
+            "peak_at": peak[1], "stages": stages, "summary": result["summary"]}
 
 
 def main(argv=None) -> None:
@@ -223,7 +225,8 @@ def main(argv=None) -> None:
               "| rows | shard size | workers | run seconds | rows/s | CPU s (tree) | rows per CPU s | peak RSS GiB (tree) "
               "| load average at end |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     body = "\n".join(line for line, *_ in lines)
-    details = "\n".join(f"\n{r['rows']:,} rows (data {size / 2**20:.0f} MiB, generated in {gen:.1f} s):\n"
+    details = "\n".join(f"\n{r['rows']:,} rows (data {size / 2**20:.0f} MiB, generated in {gen:.1f} s; "
+                        f"peak RSS reached at {r['peak_at']:.1f} s):\n"
                         + "\n".join(f"    {s}" for s in r["stages"]) for _, r, gen, size in lines)
     out = Path(__file__).parent / "results" / "scale_curate.md"
     out.parent.mkdir(exist_ok=True)
