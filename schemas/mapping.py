@@ -75,6 +75,9 @@ Bad input, decided as follows:
   rows always equal the input rows.
 
 JSON lines are split on "\\n" only (U+2028 / U+2029 / \\x85 inside strings are text, as JSON says).
+
+Polars frames (parquet files, published or stage folders) in the SFT instruction / messages
+layouts take a columnar path (`schemas.columnar`) with the same result, and no Python object per row.
 """
 
 from __future__ import annotations

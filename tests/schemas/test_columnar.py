@@ -81,6 +81,7 @@ def test_instruction_layout_edge_cases_match(tmp_path, used):
     frame = instruction_rows()
     df = same_import(frame)
     assert used["columnar"] == 1
+    same_import(frame.head(0))
     assert set(df["drop_reason"].drop_nulls()) >= {"import:missing_value", "import:empty_content", "unknown",
                                                    "minhash_duplicate"}
     path = tmp_path / "rows.parquet"
@@ -92,6 +93,7 @@ def test_instruction_layout_edge_cases_match(tmp_path, used):
                                        pl.Series([None, "", "mine@1"] * (frame.height // 3) + [None] * (frame.height % 3),
                                                  dtype=pl.Utf8).alias("origin")))
     same_import(frame.with_columns(pl.Series(["{\"messages\": []}"] * frame.height).alias("message_extras")))
+    assert used["columnar"] == 8
 
 
 def chats() -> list:
