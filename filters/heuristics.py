@@ -21,7 +21,8 @@ default 5) that occur more than once (Gopher's duplicate n-gram fraction).
 Bounds are compared exactly (integer fractions against the decimal bound as written): 3
 duplicated lines of 10 under `max_repeated_line_ratio: 0.3` is exactly 0.3 and is kept.
 A row failing several checks gets the first reason in the table order. A bound set to None is
-not checked.
+not checked. Repetition is counted in Python only for rows that `repeat_candidates` (polars and
+numpy over the whole shard) finds may repeat something; every other row has no repeat and scores 0.
 """
 
 from __future__ import annotations
