@@ -272,7 +272,6 @@ class Heuristics(Step):
         instruction = df.select(instruction_expr(df)).to_series().fill_null("")
         resp_expr = response_expr(df)
         response = df.select(resp_expr).to_series().fill_null("") if resp_expr is not None else None
-        convo_list = convo.fill_null("").to_list()
 
         scores = {
             "heur_instruction_chars": instruction.str.len_chars(),
@@ -298,6 +297,7 @@ class Heuristics(Step):
         if cfg.languages:
             if self._language is None:
                 self._language = _Language(cfg.languages, cfg.candidate_languages)
+            convo_list = convo.fill_null("").to_list()  # lingua takes Python strings; only built when asked
             langs = self._language.detect(convo_list)
             scores["heur_language"] = pl.Series(langs, dtype=pl.Utf8)
 
