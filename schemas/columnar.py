@@ -35,8 +35,8 @@ _LAYOUTS = ("messages", "instruction_output", "instruction_response")
 _STEP = 50_000  # rows per slice where whole-frame temporaries would cost memory
 
 
-def import_frame(frame: pl.DataFrame, mapping: dict[str, str] | None, columns: list[str], consumed: set[str],
-                 ctx: Any, name: str, origin: str) -> pl.DataFrame | None:
+def import_frame(frame: pl.DataFrame, columns: list[str], consumed: set[str], ctx: Any, name: str,
+                 origin: str) -> pl.DataFrame | None:
     """`frame` imported as load_rows would import it, or None where this path does not apply."""
     from schemas.mapping import MESSAGE_EXTRAS
 
@@ -75,10 +75,11 @@ def import_frame(frame: pl.DataFrame, mapping: dict[str, str] | None, columns: l
     if source_id is not None:
         out["source_id"] = source_id
     out["id"] = ids
-    out["parent_id"] = df["parent_id"].cast(pl.Utf8) if "parent_id" in columns else pl.Series([None] * df.height, dtype=pl.Utf8)
+    out["parent_id"] = (df["parent_id"].cast(pl.Utf8) if "parent_id" in columns
+                        else pl.repeat(None, df.height, dtype=pl.Utf8, eager=True))
     out["origin"] = (df.select(pl.when(pl.col("origin").is_null() | (pl.col("origin") == "")).then(pl.lit(origin))
                                .otherwise(pl.col("origin"))).to_series()
-                     if "origin" in columns else pl.Series([origin] * df.height, dtype=pl.Utf8))
+                     if "origin" in columns else pl.repeat(origin, df.height, dtype=pl.Utf8, eager=True))
     out["keep"], out["drop_reason"] = body["keep"], body["drop_reason"]
     result = pl.DataFrame({k: v.alias(k) for k, v in out.items()})
     ordered = list(schema_of("sft")) + extras + [c for c in (MESSAGE_EXTRAS, "source_id") if c in out] + list(KEEP)

@@ -229,7 +229,7 @@ def load_rows(source: Any, mapping: dict[str, str] | None = None, kind: str = "s
     if columnar and read.frame is not None and not roles:
         from schemas.columnar import import_frame
 
-        df = import_frame(read.frame, mapping, columns, consumed, ctx, name, origin)
+        df = import_frame(read.frame, columns, consumed, ctx, name, origin)
         if df is not None:
             return df
     rows = _map_rows(read.rows, mapping)
