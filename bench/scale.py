@@ -127,7 +127,7 @@ def write_table(results: list[dict], args, started: str) -> str:
     lines = []
     for r in results:
         speed = f"{base / r['wall']:.2f}x" if base else "-"
-        stages = " | ".join(f"{r['stages'].get(s, 0.0):.1f}" for s in STAGES)
+        stages = " | ".join(f"{r['stages'][s]:.1f}" if s in r["stages"] else "–" for s in STAGES)
         lines.append(f"| {names[r['executor']]} | {r['workers']} | {r['wall']:.1f} | {speed} | {r['cpu']:.1f} | "
                      f"{r['peak_rss'] / 2**30:.2f} | {r['kept']} | {stages} | {r['load']:.1f} |")
     table = header + "\n".join(lines) + "\n"
