@@ -110,7 +110,9 @@ def task_runner(executor: str, *, workers: int, ray_address: str | None = "auto"
 
     from prefect_ray import RayTaskRunner
 
-    quiet = os.environ.get("ALIGNFORGE_QUIET") == "1"
+    quiet = _quiet()
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": not quiet,
                               "logging_level": logging.ERROR if quiet else logging.INFO}
     address = ray_address or "auto"
@@ -119,6 +121,12 @@ def task_runner(executor: str, *, workers: int, ray_address: str | None = "auto"
     if address == "auto":  # prefect-ray turns address "auto" into "start a cluster if none": ask Ray itself
         return RayTaskRunner(init_kwargs={**kwargs, "address": "auto"})
     return RayTaskRunner(address=address, init_kwargs=kwargs)
+
+
+def _quiet() -> bool:
+    """No Ray / Ray Data logs or progress bars: tests (ALIGNFORGE_QUIET=1) and the CLI without --verbose."""
+    level = os.environ.get("PREFECT_LOGGING_LEVEL", "INFO").upper()
+    return os.environ.get("ALIGNFORGE_QUIET") == "1" or level in ("WARNING", "ERROR", "CRITICAL")
 
 
 def no_cluster_error(address: str | None, exc: BaseException) -> ExecutorError:
@@ -173,6 +181,8 @@ def map_engine_shards(step: Any, input_url: str, out_url: str, indices: list[int
     One actor per GPU of the cluster (at most one per shard), each `num_gpus=1`; without GPUs one
     actor with `num_cpus=1`. Raises ExecutorError if the step's engine can't travel (an engine
     object handed in by a caller instead of the recipe's model spec)."""
+    import warnings
+
     import ray
 
     from engines.lifetime import LazyEngine
@@ -185,17 +195,21 @@ def map_engine_shards(step: Any, input_url: str, out_url: str, indices: list[int
                             "engine to the recipe (model: ...)")
     if not indices:
         return
-    from ray.data import DataContext
+    from ray.data import ActorPoolStrategy, DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("ALIGNFORGE_QUIET") != "1"
+    DataContext.get_current().enable_progress_bars = not _quiet()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     actors = max(1, min(gpus, len(indices))) if gpus else 1
     shards = ray.data.from_items([{"index": i} for i in indices])
-    done = shards.map_batches(EngineShards, fn_constructor_kwargs={"step": step, "input_url": input_url,
-                                                                   "out_url": out_url},
-                              batch_size=1, concurrency=actors, batch_format="numpy", **resources)
+    with warnings.catch_warnings():  # max_restarts goes through ray_remote_args: deprecated, removed in Ray 2.64 (we pin 2.60)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # max_restarts=0: a crashed engine fails the step (a rerun resumes); a restarted actor could not
+        # rebuild from its constructor arguments (Ray logs an error line per actor otherwise).
+        done = shards.map_batches(EngineShards, fn_constructor_kwargs={"step": step, "input_url": input_url,
+                                                                       "out_url": out_url},
+                                  batch_size=1, compute=ActorPoolStrategy(size=actors), batch_format="numpy",
+                                  max_restarts=0, **resources)
     written = sorted(int(i) for i in done.to_pandas()["index"])
     if written != sorted(indices):  # every shard is written by exactly one actor call
         raise RuntimeError(f"Ray Data returned shards {written} for {sorted(indices)} of {out_url}")
