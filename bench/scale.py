@@ -38,8 +38,8 @@ def _child(args) -> None:
     from flows.runner import run
 
     t0 = time.perf_counter()
-    summary = run("curate", {"input": args.input, "shard_size": args.shard_size, "semdedup.enabled": args.semdedup == "on"},
-                  out=args.out, workers=args.workers, executor=args.executor, ray_address="local")
+    sets = {"input": args.input, "shard_size": args.shard_size, "semdedup.enabled": args.semdedup == "on"}
+    summary = run("curate", sets, out=args.out, workers=args.workers, executor=args.executor, ray_address="local")
     seconds = time.perf_counter() - t0
     print("RESULT " + json.dumps({"seconds": seconds, "summary": {k: v for k, v in summary.items()
                                                                    if isinstance(v, (int, float, str))}},

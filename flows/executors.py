@@ -202,7 +202,7 @@ def map_engine_shards(step: Any, input_url: str, out_url: str, indices: list[int
     resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     actors = max(1, min(gpus, len(indices))) if gpus else 1
     shards = ray.data.from_items([{"index": i} for i in indices])
-    with warnings.catch_warnings():  # max_restarts goes through ray_remote_args: deprecated, removed in Ray 2.64 (we pin 2.60)
+    with warnings.catch_warnings():  # max_restarts via ray_remote_args: deprecated, gone in Ray 2.64 (pinned 2.60)
         warnings.simplefilter("ignore", DeprecationWarning)
         # max_restarts=0: a crashed engine fails the step (a rerun resumes); a restarted actor could not
         # rebuild from its constructor arguments (Ray logs an error line per actor otherwise).

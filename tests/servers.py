@@ -132,7 +132,8 @@ def ray_cluster(log: Path, cpus: int = 2) -> Iterator[str]:
     port = free_port()
     temp = Path(f"/tmp/af-ray-{port}")  # short: Ray's socket paths must fit in 107 bytes
     # The raylet registers within 30 s by default: too short when both cores are busy.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "120"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_raylet_start_wait_time_s": "120"}
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={cpus}", "--num-gpus=0",
            "--include-dashboard=false", f"--port={port}", f"--temp-dir={temp}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",

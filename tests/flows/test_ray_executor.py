@@ -60,7 +60,9 @@ def _published(out: Path) -> pl.DataFrame:
 
 def _rejected(out: Path) -> pl.DataFrame:
     files = sorted(glob.glob(str(out / "publish" / "rejected" / "**" / "*.parquet"), recursive=True))
-    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed").sort("id") if files else pl.DataFrame()
+    if not files:
+        return pl.DataFrame()
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed").sort("id")
 
 
 def _stage_counts(out: Path) -> dict:
