@@ -109,10 +109,15 @@ def test_curate_on_ray_publishes_the_local_rows(api, cluster, tmp_path):
 
 @pytest.mark.engine
 def test_magpie_sft_on_ray_publishes_the_local_rows(api, cluster, engine, tmp_path):
+    from engines.lifetime import LazyEngine
     from flows.runner import run
 
+    # The local run borrows the session engine through the handle a recipe run builds, so both runs
+    # record the same model identity (stage fingerprints) and the session engine stays ours.
+    handle = LazyEngine("embedded")
+    handle._engine = engine
     params = {"n": 4, "shard_size": 2}
-    local = run("magpie-sft", params, out=str(tmp_path / "local"), engine=engine, workers=2)
+    local = run("magpie-sft", params, out=str(tmp_path / "local"), engine=handle, workers=2)
     ray = run("magpie-sft", params, out=str(tmp_path / "ray"), workers=2, executor="ray", ray_address=cluster)
     assert ray["rows_kept"] == local["rows_kept"] and ray["dropped"] == local["dropped"]
     assert _published(tmp_path / "ray").equals(_published(tmp_path / "local"))
