@@ -107,8 +107,9 @@ def test_recipe_runs_on_a_fleet_of_servers(vllm_server, tmp_path, monkeypatch):
     out = tmp_path / "run"
     try:
         model = {"openai": [a.url, b.url, dead], "name": name, "tokenizer": folder}
-        result = run("magpie-sft", {"model": model, "n": 4, "max_tokens_instruction": 48,
-                                    "max_tokens_response": 96, "out": str(out)}, workers=1)
+        result = run("magpie-sft", {"model": model, "n": 4, "max_tokens_instruction": 64,
+                                    # 96 tokens cut every answer (all dropped as truncated_response)
+                                    "max_tokens_response": 320, "out": str(out)}, workers=1)
     finally:
         a.close()
         b.close()
