@@ -182,7 +182,9 @@ def truncation_hint(result: dict) -> str | None:
                     f"ramble: --set {where}repetition_penalty=1.1) or raise {where}max_tokens")
         known = isinstance(now, (int, float))
         if known and now >= 1.1:  # measured: stronger penalties ramble and truncate again (README)
-            return f"{line}. Fix: raise {where}max_tokens (the repetition penalty is already {now:g})"
+            return (f"{line}. The repetition penalty is already {now:g}: raise {where}max_tokens if the answers are "
+                    f"long; answers that loop need a larger model (on the embedded model neither max_tokens=1024 nor "
+                    f"frequency / presence / n-gram penalties kept more: README 'Model profiles')")
         to = 1.1  # stops most loops of the embedded model (README 'Model profiles')
         return (f"{line}, usually a small model looping under greedy decoding. Fix: raise {where}repetition_penalty"
                 + (f" from {now:g}" if known else "") + f" (--set {where}repetition_penalty={to:g}; README "

@@ -136,6 +136,8 @@ def test_summary_says_lower_a_strong_penalty_and_max_tokens_for_queries(tmp_path
     steps = [("magpie_responses", {"truncated_response": 15})]
     hint = truncation_hint(_result(_published(tmp_path, 1.2), {"truncated_response": 15}, steps))
     assert "lower steps.magpie_responses.repetition_penalty (now 1.2" in hint
+    hint = truncation_hint(_result(_published(tmp_path, 1.1), {"truncated_response": 15}, steps))
+    assert "already 1.1: raise steps.magpie_responses.max_tokens if the answers are long" in hint
     hint = truncation_hint(_result(tmp_path / "gone", {"truncated": 5, "empty_response": 1},
                                    [("magpie_instructions", {"truncated": 5})]))
     assert "raise steps.magpie_instructions.max_tokens" in hint and "repetition_penalty" not in hint
