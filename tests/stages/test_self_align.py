@@ -379,28 +379,33 @@ def test_verbose_rows_are_added_for_kept_plain_rows():
 
 # ------------------------------------------------------------------ the whole chain on the embedded model
 
-def run_chain(engine, seed: int = 0) -> dict[str, pl.DataFrame]:
-    steps = [TGRTTopics(engine=engine, n=10, share=0.5, rounds=2, question_round=1, requests_per_type=1, seed=seed),
-             TGRTQuestions(engine=engine, seed=seed), SelfInstruct(engine=engine, n=None, seed=seed),
-             PrincipledAnswers(engine=engine, seed=seed, max_tokens=160), SelfAlignFilter(),
-             VerboseAnswers(engine=engine, seed=seed, max_tokens=160), SelfAlignFilter()]
-    df, frames = seeds(10), {}
-    for step in steps:
-        df = step(df)
-        frames[step.name] = df
-    return frames
+def chain_steps(engine, seed: int = 0) -> list:
+    return [TGRTTopics(engine=engine, n=CHAIN_ROWS, share=0.5, rounds=2, question_round=1, requests_per_type=1,
+                       seed=seed),
+            TGRTQuestions(engine=engine, seed=seed), SelfInstruct(engine=engine, n=None, seed=seed),
+            PrincipledAnswers(engine=engine, seed=seed, max_tokens=160), SelfAlignFilter(),
+            VerboseAnswers(engine=engine, seed=seed, max_tokens=160), SelfAlignFilter()]
+
+
+# The bench keeps ~8-11% of principled answers at 135M (leaks of the prompt, mostly the
+# self-identification sentence restated in the answer): 40 seed rows give a kept share above 0.
+CHAIN_ROWS = 40
 
 
 def test_chain_on_the_embedded_model(engine):
-    frames = run_chain(engine)
-    final = frames["self_align_filter"]
+    steps = chain_steps(engine)
+    df, outputs = seeds(CHAIN_ROWS), []
+    for step in steps:
+        df = step(df)
+        outputs.append(df)
+    final = outputs[-1]
     dropped = final.filter(~pl.col("keep"))
     assert dropped["drop_reason"].null_count() == 0  # every drop has a reason
     kept = final.filter(pl.col("keep"))
     blacklist = Blacklist.derive(P)
     forbidden = [p.text.replace("{assistant}", P.assistant_name)[:40] for p in P.principles] + \
         [e.user for e in P.exemplars] + [e.answer[:60] for e in P.exemplars] + \
-        ["internal thoughts", P.thoughts_marker, P.answer_marker, P.user_marker, P.verbose_marker]
+        ["internal thoughts", P.thoughts_marker, P.answer_marker, P.user_marker, P.verbose_marker, P.self_identification]
     for messages in kept["messages"].to_list():
         for m in messages:
             assert not any(f in m["content"] for f in forbidden), m["content"]
@@ -409,8 +414,7 @@ def test_chain_on_the_embedded_model(engine):
     plain = final.filter((pl.col("subset") == "default") & pl.col("self_align_raw").is_not_null())
     share = plain["keep"].mean()
     print(f"kept share {share:.3f} of {plain.height}; drops {dropped['drop_reason'].value_counts().rows()}")
-    # The kept share of a 135M model is near 0 (bench: 10.8%) and varies with the batch: it must be a
-    # share with every drop counted; the paper's 70.6% needs a far stronger model (bench/self_align.py).
-    assert 0 <= share < 1 and plain.height > 0
-    again = run_chain(engine)["self_align_filter"]
-    assert again.equals(final)  # same seed -> same rows
+    assert 0 < share < 1  # the paper's 70.6% needs a far stronger model (bench/self_align.py reports it)
+    # same seed -> same rows: the answer step and its filter again on the same questions
+    again = SelfAlignFilter()(PrincipledAnswers(engine=engine, seed=0, max_tokens=160)(outputs[2]))
+    assert again.equals(outputs[4])
