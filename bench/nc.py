@@ -89,7 +89,10 @@ def main() -> None:
     nc_step = NCCandidates(engine=engine, structured="json", **common)
     nc_warm = nc_step(warm)
     nc, nc_s, nc_tok = timed(nc_step, df)
-    iid, iid_s, iid_tok = timed(IIDCandidates(engine=engine, pair_with_input=True, **common), nc)
+    # Equal budget, equal rule: the NC arm's strings are capped by the JSON schema's maxLength (never
+    # flagged as cut), so the i.i.d. arm keeps samples cut by max_tokens too (at 135M nearly every
+    # i.i.d. sample runs to the limit: with the step's default every i.i.d. set was dropped).
+    iid, iid_s, iid_tok = timed(IIDCandidates(engine=engine, pair_with_input=True, drop_truncated=False, **common), nc)
     iid = iid.filter(pl.col("method") == "iid")
     runs = [("NC (json schema, 1 request/set)", nc, nc_s, nc_tok, args.prompts),
             (f"i.i.d. ({args.k} requests/set)", iid, iid_s, iid_tok, args.prompts * args.k)]
