@@ -463,7 +463,8 @@ def _on_signal(signum, frame) -> None:  # pragma: no cover - exercised by the re
     _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)
     _stop_children()
     sys.stdout.flush()
-    print(INTERRUPTED, file=sys.stderr, flush=True)
+    # On a line of its own: a progress bar may be mid-line on stderr when the signal lands.
+    print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
     os._exit(130)
 
 
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         return 0
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
         return 130
     except AlignforgeError as exc:
         if verbose:
