@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,17 +29,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from tests.servers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 # ---------------------------------------------------------------- processes and the server
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _killpg(proc: subprocess.Popen) -> None:
     try:
@@ -56,7 +51,7 @@ def prefect_env(tmp_path_factory):
     import httpx
 
     home = tmp_path_factory.mktemp("prefect-server")
-    url = f"http://127.0.0.1:{_free_port()}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     server_env = {**base, "PREFECT_HOME": str(home),
                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
