@@ -30,6 +30,9 @@ class LazyEngine:
         self._engine = None
         self._tokenizer = None
 
+    # Both engines it can start (VLLMEngine, OpenAIEngine) take calls from several threads at once.
+    concurrent_calls = True
+
     def __getstate__(self) -> dict:
         # Pickled (to a Ray actor): the spec travels, the receiver starts its own engine on first use.
         return {**self.__dict__, "_engine": None, "_tokenizer": None}
@@ -48,6 +51,12 @@ class LazyEngine:
         return self._engine is not None
 
     def get(self):
+        if self._engine is None:
+            with _LOCK:  # shards in flight may ask at once: start one engine
+                return self._start()
+        return self._engine
+
+    def _start(self):
         if self._engine is None:
             if isinstance(self.model, dict):
                 from engines.openai_client import OpenAIEngine

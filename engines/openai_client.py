@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,7 +69,10 @@ def check_spec(spec: dict[str, Any], *, source: str = "model") -> dict[str, Any]
 
 class OpenAIEngine:
     """engines.base.Engine over HTTP. `tokenizer`: a HF tokenizer or a folder/hub id to load one from
-    (needed for chat templates and token ids; defaults to `model`)."""
+    (needed for chat templates and token ids; defaults to `model`). Thread-safe: concurrent calls
+    (shards in flight) each send their requests; the servers batch them."""
+
+    concurrent_calls = True
 
     def __init__(self, base_url: str | Sequence[str], model: str, *, tokenizer: Any = None, api_key: str | None = None,
                  concurrency: int = 32, timeout_s: float = 600.0, retries: int = 2) -> None:
@@ -84,6 +88,7 @@ class OpenAIEngine:
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
         self.stats = EngineStats()
+        self._stats_lock = threading.Lock()
         if tokenizer is None or isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 
@@ -109,13 +114,14 @@ class OpenAIEngine:
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
             results = list(pool.map(self._complete_one, prompts, samplings))
-        self.stats.generate_seconds += time.perf_counter() - started
-        self.stats.calls += 1
-        self.stats.prompts += len(prompts)
-        for r in results:
-            self.stats.prompt_tokens += r.prompt_tokens
-            self.stats.completions += len(r.completions)
-            self.stats.generated_tokens += sum(c.num_tokens for c in r.completions)
+        with self._stats_lock:
+            self.stats.generate_seconds += time.perf_counter() - started
+            self.stats.calls += 1
+            self.stats.prompts += len(prompts)
+            for r in results:
+                self.stats.prompt_tokens += r.prompt_tokens
+                self.stats.completions += len(r.completions)
+                self.stats.generated_tokens += sum(c.num_tokens for c in r.completions)
         return results
 
     def chat(self, conversations, sampling: Sampling | Sequence[Sampling] = Sampling(),

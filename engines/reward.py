@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ class RewardModel:
             raise RewardModelError("transformers is not installed. Fix: pip install 'alignforge[cpu]'") from error
 
         self.model_id = str(model)
+        self._lock = threading.Lock()  # shards in flight share this model; one forward pass at a time
         self.folder = _resolve_folder(model)
         self.template = template
         self.batch_size = max(1, int(batch_size))
@@ -213,6 +215,10 @@ class RewardModel:
 
     # -- scoring -------------------------------------------------------------------------------
     def score(self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str | None]) -> list[RewardResult]:
+        with self._lock:
+            return self._score(prompts, responses)
+
+    def _score(self, prompts: Sequence[list[dict[str, str]]], responses: Sequence[str | None]) -> list[RewardResult]:
         _check_lengths(prompts, responses)
         started = time.perf_counter()
         results: list[RewardResult | None] = [None] * len(prompts)

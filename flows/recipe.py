@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from alignforge.errors import AlignforgeError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-RUN_KEYS = ("name", "description", "model", "seed", "shard_size", "input", "steps", "publish", "params", "out")
+RUN_KEYS = ("name", "description", "model", "seed", "shard_size", "rows_in_flight", "input", "steps", "publish", "params", "out")
 
 
 class RecipeError(AlignforgeError, ValueError):
@@ -86,7 +86,10 @@ class Recipe(BaseModel):
     description: str = ""
     model: str | dict[str, Any] | None = Field(None, description="chat model for generating steps (None = embedded)")
     seed: int = 0
-    shard_size: int = Field(64, ge=1, description="rows per shard: unit of resume and of one engine call")
+    shard_size: int = Field(64, ge=1, description="rows per shard: the unit of resume and of one step call")
+    rows_in_flight: int = Field(256, ge=1, description="rows an engine step keeps in flight: ceil(rows_in_flight / "
+                                "shard_size) shards run at once and share the engine's batch (continuous "
+                                "batching across shard boundaries); each shard is still committed on its own")
     input: InputSpec | None = None
     steps: tuple[StepSpec, ...] = ()
     publish: PublishSpec = Field(default_factory=PublishSpec)

@@ -104,15 +104,30 @@ def stage_summary(ds: Any) -> dict[str, Any]:
     """Totals over a stage's shard stats: rows in/out, drops by reason, tokens, seconds."""
     totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "generated_tokens": 0, "seconds": 0.0}
     drops: Counter = Counter()
+    spans: list[tuple[float, float]] = []
     for stats in ds.shard_stats().values():
         stats = stats or {}
         for key in ("rows_in", "rows_out", "generated_tokens"):
             totals[key] += int(stats.get(key, 0) or 0)
         totals["seconds"] += float(stats.get("seconds", 0.0) or 0.0)
         drops.update(stats.get("dropped", {}) or {})
+        if stats.get("ended_at") is not None:
+            spans.append((float(stats["ended_at"]) - float(stats.get("seconds", 0.0) or 0.0), float(stats["ended_at"])))
+    if spans and len(spans) == len(ds.shard_stats()):
+        totals["seconds"] = _covered(spans)  # shards that ran at once count once
     totals["dropped"] = dict(sorted(drops.items()))
     totals["tokens_per_s"] = totals["generated_tokens"] / totals["seconds"] if totals["seconds"] else 0.0
     return totals
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def summary_line(name: str, summary: Mapping[str, Any], *, cached: bool = False) -> str:
@@ -129,7 +144,7 @@ def _shard_stats(rows_in: int, df: pl.DataFrame, seconds: float, step_stats: Map
     step_stats = dict(step_stats or {})
     return {"rows_in": rows_in, "rows_out": df.height - sum(drops.values()), "dropped": drops,
             "generated_tokens": int(step_stats.get("generated_tokens", 0) or 0), "seconds": round(seconds, 3),
-            "step": step_stats}
+            "ended_at": round(time.time(), 3), "step": step_stats}
 
 
 def _commit(out: Any, *, name: str, version: int, config: Any, fingerprint: str, input_fps: list[str],
@@ -292,8 +307,12 @@ class ScorePhase(Step):
 
 
 def run_map(step: Step, input_ds: Any, run_url: str, *, engine: Any = None, workers: int = 1,
-            label: str | None = None) -> Any:
-    """Map `step` over every committed shard of `input_ds` into `<run>/stages/<name>-<fp12>`, resumably."""
+            label: str | None = None, shards_in_flight: int = 1) -> Any:
+    """Map `step` over every committed shard of `input_ds` into `<run>/stages/<name>-<fp12>`, resumably.
+
+    `shards_in_flight`: shards an engine step runs at once when its engine takes concurrent calls
+    (`engine.concurrent_calls`): their requests share the engine's running batch, so the engine is
+    not left draining one shard's longest answer while the next shard waits."""
     storage = _storage()
     label = label or step.name
     input_fp = fingerprint_of(input_ds)
@@ -313,6 +332,9 @@ def run_map(step: Step, input_ds: Any, run_url: str, *, engine: Any = None, work
     remote = on_ray()  # the flow's task runner is a Ray cluster's
     if uses_engine and remote:
         map_engine_shards(step, input_ds.url, out.url, todo)
+    elif (uses_engine and shards_in_flight > 1 and len(todo) > 1 and getattr(engine, "concurrent_calls", False)
+          and getattr(step, "parallel_shards", True)):  # False: the step also drives its own model
+        _run_shards_in_flight(step, input_ds.url, out.url, todo, label, shards_in_flight)
     else:
         parallel = (workers > 1 or remote) and not uses_engine and getattr(step, "parallel_shards", True)
         _run_shards(step, input_ds.url, out.url, todo, label, parallel=parallel)
@@ -337,6 +359,33 @@ def _run_shards(step: Step, input_url: str, out_url: str, todo: list[int], label
             task(step, input_url, out_url, i)
 
 
+def _run_shards_in_flight(step: Step, input_url: str, out_url: str, todo: list[int], label: str, width: int) -> None:
+    """Up to `width` shards at once in threads (each a Prefect task when in a flow), committed as
+    each finishes; the first failure stops new shards and is raised once the running ones end."""
+    import contextvars
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    task = _shard_task(label)
+    call = task if task is not None else (lambda *args: _map_shard(*args))
+    bar = _progress(list(range(len(todo))), label, bar_only=True)
+    queue, running, error = list(todo), set(), None
+    with ThreadPoolExecutor(max_workers=min(width, len(todo)), thread_name_prefix=f"{label}-shard") as pool:
+        while running or (queue and error is None):
+            while queue and error is None and len(running) < width:
+                # Each thread runs in a copy of this context, so Prefect sees the flow run.
+                running.add(pool.submit(contextvars.copy_context().run, call, step, input_url, out_url, queue.pop(0)))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                if future.exception() is not None and error is None:
+                    error = future.exception()
+                elif bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    if error is not None:
+        raise error
+
+
 def _shard_task(label: str):
     try:
         from prefect.context import FlowRunContext
@@ -359,22 +408,26 @@ def _shard_task(label: str):
     return _Mapped()
 
 
-def _progress(items: list, label: str):
+def _progress(items: list, label: str, *, bar_only: bool = False):
+    """`items` wrapped in a shards bar on stderr (`bar_only`: the bar to update by hand, or None)."""
     if _quiet() or len(items) <= 1:
-        return items
+        return None if bar_only else items
     from tqdm.auto import tqdm
 
+    if bar_only:
+        return tqdm(total=len(items), desc=f"{label} shards", unit="shard", file=sys.stderr, leave=False)
     return tqdm(items, desc=f"{label} shards", unit="shard", file=sys.stderr, leave=False)
 
 
 # ---------------------------------------------------------------- global steps
 
 def run_global(step: GlobalStep, input_ds: Any, run_url: str, *, engine: Any = None, workers: int = 1,
-               label: str | None = None) -> Any:
+               label: str | None = None, shards_in_flight: int = 1) -> Any:
     """Score per shard (own stage, reused when only selection settings change) -> select over all
     rows -> mark per shard into `<run>/stages/<name>-<fp12>`."""
     label = label or step.name
-    scored = run_map(ScorePhase(step), input_ds, run_url, engine=engine, workers=workers, label=f"{label} (score)")
+    scored = run_map(ScorePhase(step), input_ds, run_url, engine=engine, workers=workers, label=f"{label} (score)",
+                     shards_in_flight=shards_in_flight)
     return select_and_mark(step, scored, run_url, label=label)
 
 
@@ -460,6 +513,7 @@ def run_steps(recipe: Any, run_url: str, *, engine: Any, workers: int) -> list[t
 
     stages: list[tuple[str, Any]] = []
     current = None
+    in_flight = max(1, -(-recipe.rows_in_flight // recipe.shard_size))
     if recipe.input is not None:
         current = input_stage(recipe.input, recipe.shard_size, run_url)
         stages.append(("input", current))
@@ -477,10 +531,8 @@ def run_steps(recipe: Any, run_url: str, *, engine: Any, workers: int) -> list[t
             current = seed_shards(int(step.config.n), recipe.shard_size, run_url)
             stages.append(("seeds", current))
         step_engine = engine if (getattr(step, "needs_engine", False) or hasattr(step, "engine")) else None
-        if isinstance(step, GlobalStep):
-            current = run_global(step, current, run_url, engine=step_engine, workers=workers)
-        else:
-            current = run_map(step, current, run_url, engine=step_engine, workers=workers)
+        run = run_global if isinstance(step, GlobalStep) else run_map
+        current = run(step, current, run_url, engine=step_engine, workers=workers, shards_in_flight=in_flight)
         step.close()
         stages.append((step.name, current))
     return stages

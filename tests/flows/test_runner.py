@@ -150,3 +150,71 @@ def test_engine_fingerprint_covers_the_model_files(tmp_path):
     config["chat_template"] = (config.get("chat_template") or "") + "{# edited #}"
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     assert step.fingerprint("input-fp", engine_id=engine_id(LazyEngine(str(model)))) != before
+
+
+class ConcurrentEngine:
+    """Takes calls from several threads (like VLLMEngine); records how many overlap. A call waits
+    (up to 10 s) until `expect` calls are in at once, so the overlap does not depend on timing."""
+
+    concurrent_calls = True
+    model_id = "concurrent-fake"
+
+    def __init__(self, *, expect: int = 1):
+        import threading
+
+        self.expect, self.turn, self.active, self.peak = expect, threading.Condition(), 0, 0
+
+    def call(self, n: int) -> None:
+        with self.turn:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.turn.notify_all()
+            self.turn.wait_for(lambda: self.peak >= self.expect, timeout=10)
+            self.active -= 1
+
+
+class EngineAddOne(AddOne):
+    name = "engine_add_one"
+    needs_engine = True
+
+    def __call__(self, df):
+        self.engine.call(df.height)
+        return super().__call__(df)
+
+
+def _engine_run(tmp_path, name, engine, in_flight, crash_on=None):
+    seeds = seed_shards(24, 4, str(tmp_path / name))
+    step = EngineAddOne()
+    step.engine, step.crash_on = engine, crash_on
+    return run_map(step, seeds, str(tmp_path / name), engine=engine, shards_in_flight=in_flight)
+
+
+def test_engine_shards_in_flight_share_the_engine_and_publish_the_same_rows(tmp_path):
+    one, four = ConcurrentEngine(), ConcurrentEngine(expect=4)
+    a = _engine_run(tmp_path, "one", one, 1)
+    b = _engine_run(tmp_path, "four", four, 4)
+    assert one.peak == 1 and four.peak == 4  # 6 shards, at most 4 at once
+    assert b.shard_indices() == list(range(6)) and b.committed
+    assert b.read().equals(a.read())
+    assert stage_summary(b)["rows_in"] == stage_summary(a)["rows_in"] == 24
+
+
+def test_engine_without_concurrent_calls_runs_one_shard_at_a_time(tmp_path):
+    engine = ConcurrentEngine()
+    engine.concurrent_calls = False
+    _engine_run(tmp_path, "serial", engine, 4)
+    assert engine.peak == 1
+
+
+def test_a_failing_shard_in_flight_stops_new_shards_and_the_rerun_resumes(tmp_path):
+    engine = ConcurrentEngine(expect=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        _engine_run(tmp_path, "crash", engine, 2, crash_on=9)  # seed 9 is in shard 2
+    from storage import ShardedDataset
+
+    partial = [p for p in (tmp_path / "crash" / "stages").iterdir() if p.name.startswith("engine_add_one")]
+    done = ShardedDataset(str(partial[0])).shard_indices()
+    assert 2 not in done and len(done) < 6  # shards after the failure were never started
+    CALLS.clear()
+    resumed = _engine_run(tmp_path, "crash", ConcurrentEngine(), 2)
+    assert resumed.committed and len(CALLS) == 6 - len(done)  # only the missing shards ran again
