@@ -1,13 +1,16 @@
 """UltraPrompt MCTS: lock-step vs one tree at a time, and does the best node hold up on fresh answers?
 
     flock /tmp/alignforge-vllm.lock python -m bench.ultraprompt [--trees 24] [--iterations 8]
-        [--seq-trees 24] [--max-tokens 96] [--rewrite-max-tokens 128] [--fresh 6] [--out PATH]
+        [--seq-trees 24] [--max-tokens 96] [--rewrite-max-tokens 128] [--rewrite-format json|text]
+        [--fresh 6] [--out PATH]
 
 Same engine (embedded SmolLM2-135M-Instruct on vLLM, judge = the same model), same seeds:
   (a) `mcts_rewrite` with all trees in lock-step (3 engine calls per round) vs `lockstep: false`
       (the reference's schedule: one tree after another, 3 calls per tree-iteration) on the first
       `--seq-trees` trees: engine calls, nodes, seconds, nodes/s, and how many trees came out
       identical (vLLM's numerics may depend on the batch, so equality is measured, not assumed).
+      Both arms run in this one process on one engine; the machine's 1-min load average is sampled
+      every 5 s during each arm (this run's own engine adds ~1-2 on a 2-core box).
   (b) held-out re-scoring of the lock-step trees: `--fresh` NEW answers (new seeds) to the root, to
       the best node and to one random other node of each tree, each scored by the judge against the
       ORIGINAL instruction; per-tree differences best-root and best-random with 95% bootstrap CIs
@@ -23,6 +26,7 @@ import argparse
 import os
 import platform
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -63,14 +67,43 @@ def bootstrap(diffs: list[float], resamples: int = 2000, seed: int = 0) -> tuple
     return sum(diffs) / len(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def run_search(engine, df, *, lockstep: bool, args) -> tuple[object, dict, float]:
+class LoadSampler:
+    """The 1-min load average every `every` seconds while the `with` block runs: start, mean, end."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every, self.samples, self._stop = every, [], threading.Event()
+
+    def __enter__(self) -> "LoadSampler":
+        self.samples.append(os.getloadavg()[0])
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def __str__(self) -> str:
+        s = self.samples
+        return f"{s[0]:.1f} / {sum(s) / len(s):.1f} / {s[-1]:.1f}"
+
+
+def run_search(engine, df, *, lockstep: bool, args) -> tuple[object, dict, float, LoadSampler]:
     from stages.ultraprompt import MCTSRewrite
 
     step = MCTSRewrite(engine=engine, iterations=args.iterations, max_tokens=args.max_tokens,
-                       rewrite_max_tokens=args.rewrite_max_tokens, lockstep=lockstep, seed=args.seed)
-    started = time.perf_counter()
-    out = step(df)
-    return out, dict(step.stats), time.perf_counter() - started
+                       rewrite_max_tokens=args.rewrite_max_tokens, rewrite_format=args.rewrite_format,
+                       lockstep=lockstep, seed=args.seed)
+    with LoadSampler() as load:
+        started = time.perf_counter()
+        out = step(df)
+        seconds = time.perf_counter() - started
+    return out, dict(step.stats), seconds, load
 
 
 def held_out(engine, trees, *, fresh: int, max_tokens: int, seed: int) -> list[dict]:
@@ -125,6 +158,7 @@ def main() -> None:
     parser.add_argument("--seq-trees", type=int, default=24, help="trees for the one-tree-at-a-time run")
     parser.add_argument("--max-tokens", type=int, default=96, help="answer length limit")
     parser.add_argument("--rewrite-max-tokens", type=int, default=128)
+    parser.add_argument("--rewrite-format", choices=("json", "text"), default="json")
     parser.add_argument("--fresh", type=int, default=6, help="held-out answers per node")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/ultraprompt.md")
@@ -140,15 +174,15 @@ def main() -> None:
     seeds = (SEEDS * (args.trees // len(SEEDS) + 1))[: args.trees]
     df = pl.DataFrame({"id": [f"seed-{i:03d}" for i in range(args.trees)],
                        "instruction": [s for s, _ in seeds], "category": [c for _, c in seeds]})
-    load_start = os.getloadavg()[0]
+    load_start, started = os.getloadavg()[0], time.time()
     engine = get_engine(None)
     try:
         engine.chat([[{"role": "user", "content": "Say hi."}]] * 4, Sampling(max_tokens=8, seed=1))  # warm-up
-        lock, lock_stats, lock_s = run_search(engine, df, lockstep=True, args=args)
+        lock, lock_stats, lock_s, lock_load = run_search(engine, df, lockstep=True, args=args)
         if args.save_trees:
             lock.write_parquet(args.save_trees)
         n_seq = min(args.seq_trees, args.trees)
-        seq, seq_stats, seq_s = run_search(engine, df.head(n_seq), lockstep=False, args=args)
+        seq, seq_stats, seq_s, seq_load = run_search(engine, df.head(n_seq), lockstep=False, args=args)
         identical = sum(a == b for a, b in zip(lock.head(n_seq).rows(), seq.rows()))
         pairs = MCTSPairs()
         pairs(lock)
@@ -164,25 +198,30 @@ def main() -> None:
     # Lock-step nodes/s on the same trees as the sequential run, when it ran on fewer trees, is not
     # available separately; the whole-run rate is reported (more trees only helps lock-step).
     rows_a = [
-        ("lock-step (all trees per round)", args.trees, lock_stats, lock_s),
-        ("one tree at a time (reference schedule)", n_seq, seq_stats, seq_s),
+        ("lock-step (all trees per round)", args.trees, lock_stats, lock_s, lock_load),
+        ("one tree at a time (reference schedule)", n_seq, seq_stats, seq_s, seq_load),
     ]
     lines = ["# UltraPrompt MCTS: lock-step vs one tree at a time, and held-out re-scoring", "",
              f"## (a) Search throughput ({args.iterations} iterations per tree, same engine and seeds)", "",
-             "| schedule | trees | rounds | engine calls | nodes | failed expansions | seconds | nodes/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| schedule | trees | rounds | engine calls | nodes | failed expansions | seconds (rewrite / answer / "
+             "judge) | nodes/s | load start / mean / end |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---|"]
     rates = []
-    for label, n, stats, seconds in rows_a:
+    for label, n, stats, seconds, load in rows_a:
         rate = stats["nodes"] / seconds if seconds else 0.0
         rates.append(rate)
+        parts = " / ".join(f"{stats[f'seconds_{k}']:.0f}" for k in ("rewrite", "generate", "reward"))
         lines.append(f"| {label} | {n} | {stats['rounds']} | {calls(stats)} | {stats['nodes']} | "
-                     f"{sum(stats['failed_expansions'].values())} | {seconds:.1f} | {rate:.2f} |")
+                     f"{sum(stats['failed_expansions'].values())} | {seconds:.1f} ({parts}) | {rate:.2f} | {load} |")
     speedup = rates[0] / rates[1] if rates[1] else float("nan")
     lines += ["", f"Speed-up (nodes/s): **{speedup:.1f}x**. Trees identical between the two schedules: "
                   f"{identical} of {n_seq} (vLLM per-request seeds; batch composition can still change "
                   "floating-point results on this backend).",
               f"Lock-step failed expansions by reason: {lock_stats['failed_expansions']}; dead actions: "
-              f"{lock_stats['dead_actions']}; trees stopped early: {lock_stats['trees_exhausted']}."]
+              f"{lock_stats['dead_actions']}; trees stopped early: {lock_stats['trees_exhausted']}. One tree at "
+              f"a time: {seq_stats['failed_expansions']}.",
+              f"Generated tokens: lock-step {lock_stats['generated_tokens']}, one tree at a time "
+              f"{seq_stats['generated_tokens']}."]
 
     diffs = {"fresh best - root": [], "fresh best - random": [], "search best - root": [],
              "search best - random": []}
@@ -206,11 +245,13 @@ def main() -> None:
     lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; model: embedded "
                   f"SmolLM2-135M-Instruct (vLLM CPU, fp32), the same model rewrites, answers and judges. Answers "
                   f"<= {args.max_tokens} tokens (held-out answers cut by the limit: {picks[0]['_truncated']} of "
-                  f"{picks[0]['_answers']}, still scored), rewrites <= {args.rewrite_max_tokens} tokens. "
-                  f"Shared machine: 1-min load average {load_start:.1f} at start, {load_end:.1f} at end.",
+                  f"{picks[0]['_answers']}, still scored), rewrites <= {args.rewrite_max_tokens} tokens "
+                  f"(format: {args.rewrite_format}). Shared machine: 1-min load average {load_start:.1f} at start, "
+                  f"{load_end:.1f} at end; run {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))}-"
+                  f"{time.strftime('%H:%M', time.gmtime())} UTC.",
               f"Command: `python -m bench.ultraprompt --trees {args.trees} --iterations {args.iterations} "
               f"--seq-trees {args.seq_trees} --max-tokens {args.max_tokens} --rewrite-max-tokens "
-              f"{args.rewrite_max_tokens} --fresh {args.fresh}`"]
+              f"{args.rewrite_max_tokens} --rewrite-format {args.rewrite_format} --fresh {args.fresh}`"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -82,7 +82,14 @@ REWRITE_SYSTEM = ("You edit requests that users send to an AI assistant so that 
                   "answer a request yourself; you only return an improved version of it.")
 REWRITE_USER = ("Here is a user's request to an AI assistant:\n<request>\n{instruction}\n</request>\n\n"
                 "Rewrite the request by {how}. Keep the user's goal and every detail they gave. Do not answer it. "
-                "Reply with the rewritten request only: no title, no quotes, no explanation.")
+                "{reply}")
+# How the rewriter is told to reply, by `rewrite_format` (json: the engine enforces REWRITE_SCHEMA).
+REWRITE_REPLY = {
+    "json": 'Reply with a JSON object whose only key "request" holds the rewritten request.',
+    "text": "Reply with the rewritten request only: no title, no quotes, no explanation.",
+}
+REWRITE_SCHEMA = {"type": "object", "properties": {"request": {"type": "string", "minLength": 1}},
+                  "required": ["request"], "additionalProperties": False}
 
 # The optimiser's task in the published data (prompt of the pairs / SFT rows).
 OPTIMISER_REQUEST = ("You improve prompts for AI assistants. Rewrite the prompt below so that an assistant will give "

@@ -1,3 +1,4 @@
+import json
 import math
 import random
 import re
@@ -6,9 +7,9 @@ import polars as pl
 import pytest
 
 from engines.scripted import ScriptedEngine, ScriptedTokenizer, _rng
-from stages.ultraprompt import (ANSWERED, EMPTY_REWRITE, TRUNCATED_REWRITE, UNCHANGED_REWRITE, MCTSCategory,
-                                MCTSPairs, MCTSRewrite, Node, Tree, backup, check_rewrite, free_actions, is_open,
-                                q_value, select, split_configs, uct)
+from stages.ultraprompt import (ANSWERED, EMPTY_REWRITE, TRUNCATED_REWRITE, UNCHANGED_REWRITE, UNPARSED_REWRITE,
+                                MCTSCategory, MCTSPairs, MCTSRewrite, Node, Tree, backup, check_rewrite, free_actions,
+                                is_open, q_value, read_json_rewrite, select, split_configs, uct)
 from stages.ultraprompt_data import BY_NAME, PRINCIPLES, actions_for, canonical_category
 
 
@@ -23,10 +24,13 @@ class World(ScriptedEngine):
     """Rewriter, answerer and judge in one scripted engine.
 
     Rewrite of X by principle P = "X [P]" (or whatever `rewrite(instruction, principle, seed)`
-    returns); answer i to Y = "answer i: Y"; the judge rates an answer 1..5 from a hash of it, plus
+    returns), wrapped as {"request": ...} when the request carries a JSON schema and `enforce`
+    (as vLLM's structured outputs would); answer i to Y = "answer i: Y"; the judge rates an answer 1..5 from a hash of it, plus
     0.5 per principle tag, and the rating is an exact expected value of two adjacent digits."""
 
-    def __init__(self, rewrite=None, rate=None):
+    def __init__(self, rewrite=None, rate=None, enforce=True):
+        self.enforce = enforce
+        self.schemas: list = []  # (rewrite request?, json_schema) per request
         self.rewrite = rewrite or (lambda instruction, principle, seed: f"{instruction} [{principle}]")
         self.rate = rate or (lambda request, answer: 1.0 + 3.0 * _rng(0, answer).random() + 0.5 * answer.count("["))
         super().__init__(self._respond, next_token=self._judge)
@@ -34,10 +38,13 @@ class World(ScriptedEngine):
 
     def _respond(self, prompt, sampling, i):
         match = re.search(r"<request>\n(.*?)\n</request>\n\nRewrite the request by (.*?)\. Keep", prompt, re.S)
+        if i == 0:
+            self.schemas.append((match is not None, sampling.json_schema))
         if match:
             how = match.group(2)
             principle = next(p.name for p in PRINCIPLES if p.how == how)
-            return self.rewrite(match.group(1), principle, sampling.seed)
+            text = self.rewrite(match.group(1), principle, sampling.seed)
+            return json.dumps({"request": text}) if sampling.json_schema and self.enforce else text
         if "Which domain does this request" in prompt:
             request = re.search(r"<request>\n(.*?)\n</request>", prompt, re.S).group(1)
             return "Math" if "equation" in request else "other"
@@ -186,6 +193,44 @@ def test_check_rewrite_cleans_and_rejects():
     assert check_rewrite("Tides " * 100, "stop", parent)[1] == ANSWERED  # far longer than any rewrite
     assert check_rewrite("Explain tides.<|im_end|>junk", "stop", "Explain waves.", leak=("<|im_end|>",)) == \
         ("Explain tides.", None)
+
+
+def test_read_json_rewrite():
+    assert read_json_rewrite('{"request": "Explain tides, \\"simply\\"."}', "stop") == ('Explain tides, "simply".', None)
+    assert read_json_rewrite('{\n  "request": ""\n}', "stop") == ("", None)  # then check_rewrite: empty
+    assert read_json_rewrite('{"request": "Explain tides to', "length") == ('{"request": "Explain tides to',
+                                                                          TRUNCATED_REWRITE)
+    assert read_json_rewrite("Explain tides.", "stop")[1] == UNPARSED_REWRITE
+    assert read_json_rewrite('{"prompt": "Explain tides."}', "stop")[1] == UNPARSED_REWRITE
+    assert read_json_rewrite('["Explain tides."]', "stop")[1] == UNPARSED_REWRITE
+
+
+def test_json_replies_are_unwrapped_and_checked_like_text():
+    world = World(flaky)
+    step = MCTSRewrite(engine=world, iterations=6, expand_attempts=2)
+    out = step(seeds())
+    rewrites = [schema for is_rewrite, schema in world.schemas if is_rewrite]
+    assert rewrites and all(schema["required"] == ["request"] for schema in rewrites)
+    assert all(schema is None for is_rewrite, schema in world.schemas if not is_rewrite)  # answers: free text
+    # The same searches as free text: the wrapper changes the wire format, not the rewrite or its checks.
+    text = MCTSRewrite(engine=World(flaky), iterations=6, expand_attempts=2, rewrite_format="text")
+    out_text = text(seeds())
+    instructions = lambda df: [[n["instruction"] for n in nodes] for nodes in df["nodes"].to_list()]
+    assert instructions(out) == instructions(out_text)
+    assert step.stats["failed_expansions"] == text.stats["failed_expansions"]
+    assert set(step.stats["failed_expansions"]) == {UNCHANGED_REWRITE, ANSWERED, EMPTY_REWRITE}
+
+
+def test_json_replies_cut_or_unparsed_fail_with_their_reason():
+    long = lambda instruction, principle, seed: " ".join([instruction] * 40)  # > rewrite_max_tokens words
+    step = MCTSRewrite(engine=World(long), iterations=2, expand_attempts=1, rewrite_max_tokens=30)
+    out = step(seeds(1).with_columns(pl.lit(None, dtype=pl.Utf8).alias("category")))
+    assert step.stats["failed_expansions"] == {TRUNCATED_REWRITE: 3} and out["iterations"].to_list() == [0]
+    # An engine that ignores the schema (no structured outputs): every reply is unparsed, never taken as text.
+    step = MCTSRewrite(engine=World(enforce=False), iterations=2, expand_attempts=1)
+    out = step(seeds(1).with_columns(pl.lit(None, dtype=pl.Utf8).alias("category")))
+    assert step.stats["dead_actions"] == {UNPARSED_REWRITE: 3} and len(out["nodes"][0]) == 1
+    assert MCTSRewrite(engine=World(enforce=False), iterations=2, rewrite_format="text")(seeds(1))["iterations"][0] == 2
 
 
 # ---------------------------------------------------------------- the search
