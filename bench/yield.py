@@ -11,6 +11,8 @@ setting: instruction stages are reused; each run's publish is read right after i
     python -m bench.yield --runs 1:1.05 2:1.05 1:1.0     # explicit (turns:penalty) runs, in this order
     python -m bench.yield --runs 1:1.05:max_tokens=1024,frequency_penalty=0.1   # + other magpie_responses fields
     python -m bench.yield --runs "1:1.1:ngram_penalties=[[3, 1.0]]"
+    python -m bench.yield --runs 1:1.1:temperature=0.3,magpie_instructions.top_p=0.9  # step.field: other steps
+    python -m bench.yield --append --runs 2:1.1      # add this invocation's table below the file's (split long benches)
 
 Run it under `flock /tmp/alignforge-vllm.lock` on a shared machine (it starts vLLM).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,13 +59,18 @@ def _frozen(value):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0, help="the recipe's seed: other instructions "
+                        "(a held-out check of settings chosen at seed 0)")
     parser.add_argument("--turns", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--penalties", type=float, nargs="+", default=[1.0, 1.05, 1.1])
     parser.add_argument("--runs", nargs="+", default=None, help="turns:penalty[:field=value,...] runs in this "
-                        "order (instead of every --turns x --penalties; fields of magpie_responses); the table is sorted")
+                        "order (instead of every --turns x --penalties; fields of magpie_responses, or step.field for "
+                        "another step); the table is sorted")
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2)")
     parser.add_argument("--work", default=None, help="run folders (default: a temporary folder)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "yield.md"))
+    parser.add_argument("--append", action="store_true", help="keep what --out holds and add this invocation's "
+                        "table below it (one bench split over several invocations, e.g. on a shared vLLM lock)")
     args = parser.parse_args()
     os.environ.setdefault("ALIGNFORGE_QUIET", "1")
 
@@ -81,23 +89,29 @@ def main() -> None:
         [(t, p, ()) for t in args.turns for p in args.penalties]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    before = out.read_text().rstrip() + "\n\n" if args.append and out.exists() else ""
+    title = "## Invocation" if before else "# Demo yield vs repetition penalty (`python -m bench.yield`)"
+    started_at = time.strftime("%Y-%m-%d %H:%M")
 
     def write() -> None:
-        when = time.strftime("%Y-%m-%d %H:%M")
         out.write_text(
-            f"# Demo yield vs repetition penalty (`python -m bench.yield`)\n\n"
-            f"{when}, {platform.machine()}, {os.cpu_count()} cores, model {engine.model_id}, magpie-sft n={args.n}, "
-            f"greedy responses, max 512 tokens unless set; every other setting is the recipe's. Mean words: kept "
+            f"{before}{title} (`{' '.join(sys.argv[1:])}`)\n\n"
+            f"{started_at} to {time.strftime('%H:%M')}, {platform.machine()}, {os.cpu_count()} cores, "
+            f"model {engine.model_id}, magpie-sft n={args.n} seed={args.seed}, "
+            f"any setting not in the table is the recipe's with the model's profile under it (engines/profiles.py; "
+            f"the papers' greedy responses, max 512 tokens, where the profile is silent). Mean words: kept "
             f"assistant turns. Load: 1-minute load average (start + end of the run) / 2.\n\n"
             + "\n".join([header, *(rows[k] for k in sorted(rows))]) + "\n")
 
     try:
         for turns, penalty, other in runs:
-            sets = {"n": args.n, "turns": turns, "steps.magpie_responses.repetition_penalty": penalty,
-                    **{f"steps.magpie_responses.{k}": v for k, v in other}}
+            sets = {"n": args.n, "seed": args.seed, "turns": turns,
+                    "steps.magpie_responses.repetition_penalty": penalty,
+                    **{f"steps.{k if '.' in k else 'magpie_responses.' + k}": v for k, v in other}}
             load0 = os.getloadavg()[0]
             started = time.perf_counter()
-            result = run("magpie-sft", sets, out=str(work / f"turns{turns}"), engine=engine, workers=1)
+            folder = work / (f"turns{turns}" if not args.seed else f"seed{args.seed}-turns{turns}")
+            result = run("magpie-sft", sets, out=str(folder), engine=engine, workers=1)
             seconds = time.perf_counter() - started
             load = (load0 + os.getloadavg()[0]) / 2
             data = pl.read_parquet(f"{result['dataset']}/data/*.parquet")
