@@ -9,12 +9,16 @@ Issue 14 item 1. Both paths use ONE started engine (its start is excluded from b
           profile included, through the engine's Sampling -> SamplingParams mapping, outside the
           timed part), the same per-request seeds; strings in, nothing written.
 Throughput = generated tokens / wall seconds of the whole path. The table splits the runner's wall
-time into seconds inside `llm.generate` (where small shards lose: each shard's batch drains to its
-longest answer while the engine has nothing else to do) and seconds outside it (Prefect, parquet,
-checks, publish). Prefect's in-process API server starts once per process: a warm-up run pays it
+time into seconds the engine was generating (where small shards lose when run one at a time: each
+shard's batch drains to its longest answer while the engine has nothing else to do) and seconds
+outside it (Prefect, parquet, checks, publish). Prefect's in-process API server starts once per process: a warm-up run pays it
 and its time is reported, not counted.
 
-    python -m bench.e2e [--n 128] [--runs 1:16 1:64 1:256 2:64] [--append]
+    python -m bench.e2e [--n 128] [--runs 1:16 1:16:16 1:64 1:256 2:64] [--append]
+
+A run is turns:shard_size[:rows_in_flight] (default: the recipe's rows_in_flight, 256): engine
+steps keep ceil(rows_in_flight / shard_size) shards in flight on the engine; rows_in_flight =
+shard_size is one shard at a time (the runner before continuous batching across shards).
 
 `--append` keeps the rows of earlier invocations (bench/results/e2e.json), so the runs can be split
 over commands on a shared machine; each row's ratio is against the bare path of ITS OWN process.
@@ -127,7 +131,8 @@ def same_texts(a: dict, b: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--runs", nargs="+", default=["1:16", "1:64", "1:256", "2:64"], help="turns:shard_size")
+    parser.add_argument("--runs", nargs="+", default=["1:16", "1:16:16", "1:64", "1:256", "2:64"],
+                        help="turns:shard_size[:rows_in_flight]")
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2)")
     parser.add_argument("--append", action="store_true", help="keep earlier invocations' rows (e2e.json)")
     parser.add_argument("--out", default=str(RESULTS / "e2e.md"))
@@ -140,7 +145,7 @@ def main() -> None:
     from flows.recipe import build_steps, load_recipe
     from flows.runner import run
 
-    runs = [tuple(int(x) for x in r.split(":")) for r in args.runs]
+    runs = [(*(int(x) for x in r.split(":")), None)[:3] for r in args.runs]
     store = Path(args.out).with_suffix(".json")
     rows: list[dict] = json.loads(store.read_text()) if args.append and store.exists() else []
     session = time.strftime("%Y-%m-%d %H:%M")
@@ -156,8 +161,11 @@ def main() -> None:
         warmup_s = time.perf_counter() - warm
         print(f"engine start {engine_start:.0f} s (excluded); warm-up run {warmup_s:.0f} s", flush=True)
         bare: dict[int, dict] = {}
-        for turns, shard_size in runs:
+        for turns, shard_size, in_flight in runs:
             sets = {"n": args.n, "turns": turns, "shard_size": shard_size, "model": model}
+            if in_flight is not None:
+                sets["rows_in_flight"] = in_flight
+            rows_in_flight = in_flight or load_recipe("magpie-sft", sets=dict(sets)).rows_in_flight
             if turns not in bare:
                 steps = {s.name: s for s in build_steps(load_recipe("magpie-sft", sets=dict(sets)))}
                 load0 = os.getloadavg()[0]
@@ -170,7 +178,8 @@ def main() -> None:
             r["load"] = (load0 + os.getloadavg()[0]) / 2
             b = bare[turns]
             row = {"session": session, "n": args.n, "turns": turns, "shard_size": shard_size,
-                   "shards": -(-args.n // shard_size), "warmup_s": round(warmup_s, 1),
+                   "shards": -(-args.n // shard_size), "in_flight": min(-(-rows_in_flight // shard_size),
+                                                                          -(-args.n // shard_size)), "warmup_s": round(warmup_s, 1),
                    "engine_start_s": round(engine_start, 1), "same_texts": same_texts(r["conversations"],
                                                                                        b["conversations"])}
             for name, d in (("runner", r), ("bare", b)):
@@ -196,17 +205,18 @@ def write(rows: list[dict], store: Path, out: Path) -> None:
         "model profile, one engine per process (start excluded). Bare = one `llm.generate` per phase over all rows, "
         "same prompts, SamplingParams and per-request seeds. tokens/s = generated tokens / wall s of the whole path. "
         "Ratio = runner tokens/s / bare tokens/s of the same process; 'in generate' = the same ratio over seconds "
-        "inside `llm.generate` only. Same texts = conversations identical in both paths / kept by either. "
+        "the engine was generating (bare: inside `llm.generate`; runner: stepping vLLM, counted once when shards "
+        "share it). Shards in flight: shards whose requests share the engine at once (1 = one shard at a time). Same texts = conversations identical in both paths / kept by either. "
         "Load = 1-minute load average (start + end) / 2.",
         "",
-        "| date (process) | n | turns | shard_size | shards | runner s (in generate) | runner tokens | runner tok/s "
+        "| date (process) | n | turns | shard_size | shards | shards in flight | runner s (in generate) | runner tokens | runner tok/s "
         "| bare s (in generate) | bare tokens | bare tok/s | ratio | ratio in generate | kept runner / bare "
         "| same texts | load runner / bare |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['session']} | {r['n']} | {r['turns']} | {r['shard_size']} | {r['shards']} "
+            f"| {r['session']} | {r['n']} | {r['turns']} | {r['shard_size']} | {r['shards']} | {r.get('in_flight', 1)} "
             f"| {r['runner_seconds']:.1f} ({r['runner_generate_s']:.1f}) | {r['runner_tokens']} "
             f"| {r['runner_tokens'] / r['runner_seconds']:.1f} | {r['bare_seconds']:.1f} ({r['bare_generate_s']:.1f}) "
             f"| {r['bare_tokens']} | {r['bare_tokens'] / r['bare_seconds']:.1f} | **{r['ratio']:.2f}** "
