@@ -1,17 +1,24 @@
 """Model profiles: step defaults that belong to a model rather than to a method.
 
-A step config's defaults are the paper's settings (Magpie: greedy responses, no penalties). Some
-models need something else to give usable data with them: the embedded SmolLM2-135M-Instruct,
-decoded greedily, loops until the token cap on about half of Magpie's instructions (issue 15), and
-a mild repetition penalty (1.1, vLLM's multiplicative `repetition_penalty`) stops most loops.
-Such a setting is a fact about the model, not about Magpie, so it lives here:
+A step config's defaults are the paper's settings (Magpie: queries at T 1.0 / top_p 1.0, greedy
+responses, no penalties). Some models need something else to give usable data: the embedded
+SmolLM2-135M-Instruct, decoded greedily, loops (one line repeated) until the token cap on 20 of 50
+demo instructions (issue 15). Such settings are facts about the model, not about Magpie, so they
+live here. The embedded model's, each measured with bench/yield.py (README "Model profiles"):
+
+- responses: repetition_penalty 1.1 (vLLM's multiplicative penalty) stops most loops; sampling at
+  T 0.3 / top_p 0.9 (per-request seeds: reruns give the same text) lets a few answers leave a loop
+  that greedy decoding cannot; 768 tokens let long lists of second turns finish (a loop still runs
+  to the cap and is dropped as `truncated_response`).
+- queries (first and follow-up): up to 256 tokens; at T 1.0 the model writes run-on queries whose
+  newline comes after 128 tokens.
 
     PROFILES = {model name: {step name: {field: value}}}
 
 The runner (flows.recipe.build_steps) merges a profile UNDER what the recipe file and `--set` gave
-explicitly: a user's value always wins, including an explicit 1.0. Profile values are ordinary
-config values, so they change the step's fingerprint and show in the dataset card's step configs;
-steps that report it also name the profile in their stats (`model_profile`).
+explicitly: a user's value always wins, including an explicit paper value. Profile values are
+ordinary config values, so they change the step's fingerprint and show in the dataset card's step
+configs; steps that report it also name the profile in their stats (`model_profile`).
 
 `without_neutral_penalties` keeps row ids of runs at the neutral penalties what they were before
 the penalty fields existed (ids hash the config).
@@ -29,7 +36,11 @@ EMBEDDED = "SmolLM2-135M-Instruct"  # engines.embedded.EMBEDDED_MODEL_NAME (not 
 
 # Measured with bench/yield.py (README "Model profiles"): magpie-sft n=50 on the embedded model.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    EMBEDDED: {"magpie_responses": {"repetition_penalty": 1.1}},
+    EMBEDDED: {
+        "magpie_instructions": {"max_tokens": 256},
+        "magpie_responses": {"repetition_penalty": 1.1, "temperature": 0.3, "top_p": 0.9, "max_tokens": 768,
+                             "followup_max_tokens": 256},
+    },
 }
 
 

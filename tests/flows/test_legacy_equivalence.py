@@ -40,9 +40,13 @@ def test_builtin_recipes_publish_the_same_rows_as_the_flows_they_replaced(engine
     from flows.runner import run
 
     monkeypatch.setenv("ALIGNFORGE_QUIET", "1")
-    # The previous code had no model profile (the embedded model's responses now default to
-    # repetition_penalty 1.1): an explicit 1.0 samples exactly as it did.
-    neutral = {"steps.magpie_responses.repetition_penalty": 1.0}
+    # The previous code had no model profile (engines/profiles.py: the embedded model's own
+    # defaults): the papers' values, given explicitly, sample exactly as it did.
+    from engines.profiles import profile_for
+    from flows.steps import step_class
+
+    neutral = {f"steps.{step}.{field}": step_class(step).Config.model_fields[field].default
+               for step, fields in profile_for(None).items() for field in fields}
     run("magpie-sft", {"n": 12, "turns": 1, "shard_size": 5, **neutral}, out=str(tmp_path / "sft"), engine=engine)
     assert_same(published(tmp_path / "sft"), "magpie_sft.parquet")
 
@@ -51,7 +55,8 @@ def test_builtin_recipes_publish_the_same_rows_as_the_flows_they_replaced(engine
         out=str(tmp_path / "cur"))
     assert_same(published(tmp_path / "cur"), "curate.parquet")
 
-    run("magpie-dpo", {"n": 6, "samples": 3, "shard_size": 4, "max_tokens_response": 96},
+    run("magpie-dpo", {"n": 6, "samples": 3, "shard_size": 4, "max_tokens_response": 96,
+                       **{k: v for k, v in neutral.items() if k.startswith("steps.magpie_instructions.")}},
         out=str(tmp_path / "dpo"), engine=engine)
     assert_same(published(tmp_path / "dpo"), "magpie_dpo.parquet")
     assert_same(published(tmp_path / "dpo", "candidates"), "magpie_dpo_candidates.parquet")

@@ -71,7 +71,8 @@ def test_set_reaches_any_step_field_and_reports_unknown_steps(tmp_path, capsys):
     steps = {s.name: s.config for s in build_steps(recipe)}
     assert steps["minhash"].threshold == 0.7 and steps["deita"].budget == 8
     assert steps["magpie_instructions"].seed == 4 and steps["magpie_responses"].seed == 4  # run-level seed
-    assert steps["magpie_responses"].max_tokens == 256 and steps["magpie_responses"].temperature == 0.0  # default
+    assert steps["magpie_responses"].max_tokens == 256  # the file's
+    assert steps["magpie_responses"].temperature == 0.3  # the embedded model's profile (engines/profiles.py)
     line = one_line_error(capsys, "run", str(recipe_file), "--set", "steps.zipfit.top_k=3")
     assert "no step 'zipfit'" in line and "magpie_instructions" in line
 
