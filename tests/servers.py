@@ -87,6 +87,25 @@ class Server:
         return done.stdout
 
 
+def wait_for_run(server: Server, deployment_id: str, logs: list[Path], timeout: float,
+                 auto_scheduled: bool | None = None) -> dict:
+    """The first COMPLETED run of a deployment; fails early when a run FAILED / CRASHED."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = server.runs(deployment_id)
+        if auto_scheduled is not None:
+            runs = [r for r in runs if bool(r.get("auto_scheduled")) == auto_scheduled]
+        states = [(r["name"], r["state_type"]) for r in runs]
+        done = [r for r in runs if r["state_type"] == "COMPLETED"]
+        if done:
+            return done[0]
+        bad = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
+        detail = "\n".join(tail(log) for log in logs)
+        assert not bad, f"a run ended {bad[0]['state_type']}: {bad[0]['state']}\n{detail}"
+        assert time.monotonic() < deadline, f"no COMPLETED run within {timeout:.0f}s; runs: {states}\n{detail}"
+        time.sleep(2)
+
+
 @contextlib.contextmanager
 def prefect_server(home: Path) -> Iterator[Server]:
     """`prefect server start` on SQLite under `home`, on a free port; stopped on exit."""

@@ -14,6 +14,7 @@ import collections
 import glob
 import json
 import os
+import time
 from pathlib import Path
 
 import polars as pl
@@ -135,3 +136,34 @@ def test_ray_executor_refuses_without_a_prefect_server(monkeypatch, tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and "no Prefect server" in err and "prefect server start" in err, err
     assert not (tmp_path / "x" / "stages").exists()
+
+
+def test_served_schedule_runs_on_ray(api, cluster, tmp_path):
+    """`alignforge serve ... --executor ray`: the scheduled run's recipe is a subflow whose shards are Ray tasks."""
+    from tests.servers import BIN, start, stop, tail, wait_for_run
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Name three uses of a paperclip, variant {i} of a list",
+                                        "response": f"Holding paper, resetting a device, and a tiny hook ({i})."})
+                            + "\n" for i in range(8)))
+    before = _task_timeline(cluster)["task::heuristics shard"]
+    out, log = tmp_path / "served", tmp_path / "serve.log"
+    env = {**os.environ, "PREFECT_API_URL": api.url, "RAY_AUTH_MODE": "disabled"}
+    proc = start([str(BIN / "alignforge"), "serve", "curate", "--set", f"input={data}", "--set", "shard_size=4",
+                  "--out", str(out), "--name", "serve-ray", "--interval", "5", "--executor", "ray",
+                  "--ray-address", cluster], env, log)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                deployment = api.deployment("alignforge-recipe", "serve-ray")
+                break
+            except Exception:
+                assert proc.poll() is None and time.monotonic() < deadline, "serve registered nothing\n" + tail(log)
+                time.sleep(1)
+        assert deployment["parameters"]["executor"] == "ray"
+        wait_for_run(api, deployment["id"], [log, api.log], timeout=150, auto_scheduled=True)
+    finally:
+        stop(proc)
+    assert _published(out).height == 8
+    assert _task_timeline(cluster)["task::heuristics shard"] >= before + 2  # 2 shards ran as Ray tasks
