@@ -81,7 +81,7 @@ def main() -> None:
 
     engine = get_engine(args.model, progress=False)
     work = Path(args.work or tempfile.mkdtemp(prefix="alignforge-yield-"))
-    header = ("| turns | repetition_penalty | other response settings | kept | kept share | dropped (by reason) "
+    header = ("| turns | repetition_penalty | other settings | kept | kept share | dropped (by reason) "
               "| mean words / response | tokens | seconds | load (1 min) |\n"
               "|---:|---:|---|---:|---:|---|---:|---:|---:|---:|")
     rows: dict[tuple, str] = {}
