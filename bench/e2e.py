@@ -174,7 +174,7 @@ def main() -> None:
                 b = bare[turns]
                 print(f"bare turns={turns}: {b['tokens']} tokens in {b['seconds']:.1f} s", flush=True)
             load0 = os.getloadavg()[0]
-            r = runner_magpie(engine, sets, str(work / f"t{turns}-s{shard_size}"))
+            r = runner_magpie(engine, sets, str(work / f"t{turns}-s{shard_size}-f{rows_in_flight}"))
             r["load"] = (load0 + os.getloadavg()[0]) / 2
             b = bare[turns]
             row = {"session": session, "n": args.n, "turns": turns, "shard_size": shard_size,
