@@ -105,7 +105,8 @@ def stage_summary(ds: Any) -> dict[str, Any]:
     totals: dict[str, Any] = {"rows_in": 0, "rows_out": 0, "generated_tokens": 0, "seconds": 0.0}
     drops: Counter = Counter()
     spans: list[tuple[float, float]] = []
-    for stats in ds.shard_stats().values():
+    shard_stats = ds.shard_stats()  # one read of every shard's stats file
+    for stats in shard_stats.values():
         stats = stats or {}
         for key in ("rows_in", "rows_out", "generated_tokens"):
             totals[key] += int(stats.get(key, 0) or 0)
@@ -113,7 +114,7 @@ def stage_summary(ds: Any) -> dict[str, Any]:
         drops.update(stats.get("dropped", {}) or {})
         if stats.get("ended_at") is not None:
             spans.append((float(stats["ended_at"]) - float(stats.get("seconds", 0.0) or 0.0), float(stats["ended_at"])))
-    if spans and len(spans) == len(ds.shard_stats()):
+    if spans and len(spans) == len(shard_stats):
         totals["seconds"] = _covered(spans)  # shards that ran at once count once
     totals["dropped"] = dict(sorted(drops.items()))
     totals["tokens_per_s"] = totals["generated_tokens"] / totals["seconds"] if totals["seconds"] else 0.0
@@ -365,9 +366,8 @@ def _run_shards_in_flight(step: Step, input_url: str, out_url: str, todo: list[i
     import contextvars
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    task = _shard_task(label)
-    call = task if task is not None else (lambda *args: _map_shard(*args))
-    bar = _progress(list(range(len(todo))), label, bar_only=True)
+    call = _shard_task(label) or _map_shard
+    bar = _shard_bar(len(todo), label)
     queue, running, error = list(todo), set(), None
     with ThreadPoolExecutor(max_workers=min(width, len(todo)), thread_name_prefix=f"{label}-shard") as pool:
         while running or (queue and error is None):
@@ -408,14 +408,20 @@ def _shard_task(label: str):
     return _Mapped()
 
 
-def _progress(items: list, label: str, *, bar_only: bool = False):
-    """`items` wrapped in a shards bar on stderr (`bar_only`: the bar to update by hand, or None)."""
-    if _quiet() or len(items) <= 1:
-        return None if bar_only else items
+def _shard_bar(total: int, label: str):
+    """A shards progress bar on stderr to update by hand; None when quiet or for one shard."""
+    if _quiet() or total <= 1:
+        return None
     from tqdm.auto import tqdm
 
-    if bar_only:
-        return tqdm(total=len(items), desc=f"{label} shards", unit="shard", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=f"{label} shards", unit="shard", file=sys.stderr, leave=False)
+
+
+def _progress(items: list, label: str):
+    if _quiet() or len(items) <= 1:
+        return items
+    from tqdm.auto import tqdm
+
     return tqdm(items, desc=f"{label} shards", unit="shard", file=sys.stderr, leave=False)
 
 
