@@ -12,6 +12,7 @@ Small models (the sentence embedder) stay cached: they fit beside anything.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 _SCORERS: dict[tuple, Any] = {}
@@ -29,13 +30,14 @@ class LazyEngine:
         self.options = options
         self._engine = None
         self._tokenizer = None
+        self.start_span: tuple[float, float] | None = None
 
     # Both engines it can start (VLLMEngine, OpenAIEngine) take calls from several threads at once.
     concurrent_calls = True
 
     def __getstate__(self) -> dict:
         # Pickled (to a Ray actor): the spec travels, the receiver starts its own engine on first use.
-        return {**self.__dict__, "_engine": None, "_tokenizer": None}
+        return {**self.__dict__, "_engine": None, "_tokenizer": None, "start_span": None}
 
     @property
     def model_id(self) -> str:
@@ -58,6 +60,14 @@ class LazyEngine:
 
     def _start(self):
         if self._engine is None:
+            started = time.time()
+            self._start_engine()
+            # Wall-clock (start, end): the runner leaves it out of the seconds of the shards it overlapped.
+            self.start_span = (started, time.time())
+        return self._engine
+
+    def _start_engine(self) -> None:
+        if self._engine is None:
             if isinstance(self.model, dict):
                 from engines.openai_client import OpenAIEngine
 
@@ -66,7 +76,6 @@ class LazyEngine:
                 from engines import get_engine
 
                 self._engine = get_engine(None if self.model == "embedded" else self.model, **self.options)
-        return self._engine
 
     @property
     def tokenizer(self):

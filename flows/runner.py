@@ -273,13 +273,16 @@ def _map_shard(step: Step, input_url: str, out_url: str, index: int) -> dict:
     df_in = input_ds.read_shard(index)
     worker = copy.copy(step)
     worker.stats = {}
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     df_out = worker(df_in)
+    seconds = time.perf_counter() - t0
+    span = getattr(getattr(step, "engine", None), "start_span", None)
+    if span:  # the lazy engine started during this shard: that is not this step's work
+        seconds -= max(0.0, min(span[1], time.time()) - max(span[0], wall0))
     drop = [c for c in getattr(step, "_drop_after", ()) if c in df_out.columns]
     if drop:
         df_out = df_out.drop(drop)
-    return out.write_shard(index, df_out, stats=_shard_stats(df_in.height, df_out, time.perf_counter() - t0,
-                                                           worker.stats))
+    return out.write_shard(index, df_out, stats=_shard_stats(df_in.height, df_out, max(0.0, seconds), worker.stats))
 
 
 class ScorePhase(Step):

@@ -218,3 +218,25 @@ def test_a_failing_shard_in_flight_stops_new_shards_and_the_rerun_resumes(tmp_pa
     CALLS.clear()
     resumed = _engine_run(tmp_path, "crash", ConcurrentEngine(), 2)
     assert resumed.committed and len(CALLS) == 6 - len(done)  # only the missing shards ran again
+
+
+class SlowStartEngine(ConcurrentEngine):
+    """Like LazyEngine: its first call "starts" it (here 0.5 s) and records the start's wall span."""
+
+    start_span = None
+
+    def call(self, n: int) -> None:
+        import time
+
+        if self.start_span is None:
+            started = time.time()
+            time.sleep(0.5)
+            self.start_span = (started, time.time())
+
+
+def test_engine_start_is_not_counted_in_the_stage_seconds(tmp_path):
+    engine = SlowStartEngine()
+    out = _engine_run(tmp_path, "start", engine, 1)
+    first = out.shard_stats()[0]
+    assert engine.start_span is not None and first["seconds"] < 0.4  # the 0.5 s start left out
+    assert stage_summary(out)["seconds"] < 0.4
